@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv with the CPU build of torch pinned, and lstmkit installed from this clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH := torch==2.13.0
+
+.PHONY: setup demo test lint bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/lstmkit warmup
+	touch $@
+
+demo: setup
+	$(BIN)/lstmkit demo
+
+test: setup lint
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: setup
+	$(BIN)/lstmkit bench
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

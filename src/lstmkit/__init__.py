@@ -1,0 +1,11 @@
+"""lstmkit: ``torch.nn.LSTM``, exactly, with the recurrence implemented by lstmkit.
+
+``lstmkit.LSTM`` and ``lstmkit.LSTMCell`` take the same arguments, hold the same parameters and
+return the same results as their torch counterparts; ``state_dict``s load both ways.
+"""
+
+from lstmkit.modules import LSTM, LSTMCell
+from lstmkit.spec import LSTMSpec
+
+__all__ = ["LSTM", "LSTMCell", "LSTMSpec"]
+__version__ = "0.1.0"

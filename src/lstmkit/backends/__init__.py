@@ -1,0 +1,146 @@
+"""Backends: who runs the recurrence, and how one is chosen.
+
+A backend runs one LSTM layer (every direction of it) on canonical tensors: time-major,
+contiguous, with states already resolved by :mod:`lstmkit.functional`. Before it is used it
+answers :meth:`Backend.unavailable_reason` for the call at hand with ``None`` or a sentence a
+person can act on.
+
+Choice, per call: the ``LSTMKIT_BACKEND`` environment variable, read at call time, names one
+backend, which must be able to run the call or the call raises with its reason. Otherwise the
+first backend in :data:`PREFERENCE` that can run it is used; the reasons the others gave are
+kept and can be read back with :func:`last_choice` or seen with ``lstmkit backends``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lstmkit.reference import LayerWeights
+
+BACKEND_ENV = "LSTMKIT_BACKEND"
+
+# Backends in order of preference; each module defines ``BACKEND``. Imported on first use.
+PREFERENCE: tuple[str, ...] = ("reference",)
+_MODULES = {name: f"lstmkit.backends.{name}" for name in PREFERENCE}
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a forward call needs from a backend, resolved before any backend is asked."""
+
+    device_type: str
+    dtype: torch.dtype
+    requires_grad: bool
+    bidirectional: bool
+    proj: bool
+    variable_lengths: bool
+
+
+class Backend:
+    """A way to run one LSTM layer. Subclasses set ``name`` and implement both methods."""
+
+    name: str = ""
+    description: str = ""
+
+    def unavailable_reason(self, request: Request) -> str | None:
+        """``None`` if this backend can run ``request``, else why not, in one sentence."""
+        raise NotImplementedError
+
+    def warmup(self) -> str:
+        """Do any one-time work (compiling, loading) now; say what was done."""
+        return "nothing to prepare"
+
+    def run_layer(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weights: list[LayerWeights],
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run one layer, every direction, differentiably.
+
+        Args:
+            x: (L, N, I) contiguous input.
+            h0: (D, N, P) initial hidden states, one per direction.
+            c0: (D, N, H) initial cell states.
+            weights: D entries, forward direction first.
+            lengths: ``None`` when every sequence has L steps, else an (N,) int64 tensor on
+                the CPU, sorted in non-increasing order, each value in [0, L].
+
+        Returns:
+            output (L, N, D*P) with zeros at padded steps, h_n (D, N, P), c_n (D, N, H).
+        """
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend a call used and why the ones preferred to it were passed over."""
+
+    backend: str
+    forced: bool
+    passed_over: tuple[tuple[str, str], ...]
+
+    def __str__(self) -> str:
+        how = f"forced by {BACKEND_ENV}" if self.forced else "chosen"
+        lines = [f"{self.backend} ({how})"]
+        lines += [f"  {name} not used: {reason}" for name, reason in self.passed_over]
+        return "\n".join(lines)
+
+
+_loaded: dict[str, Backend] = {}
+_last = threading.local()
+
+
+def get(name: str) -> Backend:
+    """The backend called ``name``; ``ValueError`` naming the known ones if there is none."""
+    if name not in _MODULES:
+        known = ", ".join(PREFERENCE)
+        raise ValueError(f"unknown lstmkit backend {name!r}; known backends: {known}")
+    backend = _loaded.get(name)
+    if backend is None:
+        backend = importlib.import_module(_MODULES[name]).BACKEND
+        _loaded[name] = backend
+    return backend
+
+
+def forced_name() -> str:
+    """The backend ``LSTMKIT_BACKEND`` names now, or ``""``."""
+    return os.environ.get(BACKEND_ENV, "").strip()
+
+
+def choose(request: Request) -> Backend:
+    """Pick the backend for ``request`` (see the module docstring) and remember why."""
+    forced = forced_name()
+    if forced:
+        backend = get(forced)
+        reason = backend.unavailable_reason(request)
+        if reason is not None:
+            raise RuntimeError(
+                f"{BACKEND_ENV}={forced} asks for the {forced!r} backend, which cannot run "
+                f"this call: {reason}. Unset {BACKEND_ENV} to let lstmkit choose."
+            )
+        _last.choice = Choice(forced, True, ())
+        return backend
+    passed_over: list[tuple[str, str]] = []
+    for name in PREFERENCE:
+        backend = get(name)
+        reason = backend.unavailable_reason(request)
+        if reason is None:
+            _last.choice = Choice(name, False, tuple(passed_over))
+            return backend
+        passed_over.append((name, reason))
+    reasons = "; ".join(f"{n}: {r}" for n, r in passed_over)
+    raise RuntimeError(f"no lstmkit backend can run this call ({reasons})")
+
+
+def last_choice() -> Choice | None:
+    """The choice made by the last forward call in this thread, or ``None`` before any."""
+    return getattr(_last, "choice", None)

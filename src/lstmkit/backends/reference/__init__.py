@@ -1,0 +1,32 @@
+"""The reference backend: :mod:`lstmkit.reference`, differentiated by autograd."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from lstmkit import reference
+from lstmkit.backends import Backend, Request
+from lstmkit.reference import LayerWeights
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+    description = "plain time loop of torch ops (lstmkit.reference); any device and dtype"
+
+    def unavailable_reason(self, request: Request) -> str | None:
+        return None
+
+    def run_layer(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weights: list[LayerWeights],
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if lengths is not None:
+            lengths = lengths.to(x.device)
+        return reference.lstm_layer(x, h0, c0, weights, lengths)
+
+
+BACKEND = ReferenceBackend()

@@ -1,0 +1,313 @@
+"""``LSTM`` and ``LSTMCell``: torch's modules on the outside, lstmkit's recurrence inside.
+
+The modules own parameters (torch's names, shapes, order and init), validation and ``repr``;
+``forward`` delegates to :mod:`lstmkit.functional`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from lstmkit import functional, reference
+from lstmkit.reference import LayerWeights
+from lstmkit.spec import LSTMSpec
+
+
+def _spec_field(name: str) -> property:
+    """A module attribute stored in ``self.spec``; setting it re-validates the spec.
+
+    Only settings that keep the parameter shapes (``batch_first``, ``dropout``, ...) can
+    usefully be changed after construction, as with ``torch.nn.LSTM``.
+    """
+
+    def get(self: LSTM) -> object:
+        return getattr(self.spec, name)
+
+    def set(self: LSTM, value: object) -> None:
+        self.spec = dataclasses.replace(self.spec, **{name: value})
+
+    return property(get, set, doc=f"``{name}`` of the configuration (see ``spec``).")
+
+
+class LSTM(nn.Module):
+    r"""A multi-layer LSTM, a drop-in replacement for ``torch.nn.LSTM``.
+
+    The constructor, parameters, input forms and outputs are those of ``torch.nn.LSTM``; the
+    recurrence is computed by lstmkit (:mod:`lstmkit.reference` and the backends).
+
+    Args:
+        input_size: H_in, features of the input.
+        hidden_size: H_cell, features of the cell state (and of h without projection).
+        num_layers: stacked layers; layer k > 0 reads layer k-1's output.
+        bias: use ``bias_ih`` and ``bias_hh``.
+        batch_first: input and output are (N, L, ...) instead of (L, N, ...); never applies
+            to the states.
+        dropout: probability of zeroing each layer's output except the last, in training.
+        bidirectional: run a second, backward direction in every layer (D = 2).
+        proj_size: if > 0, h is projected to this size (H_out) by ``weight_hr``.
+
+    Shape:
+        - input: (L, N, H_in), (N, L, H_in) if ``batch_first``, (L, H_in) unbatched, or a
+          PackedSequence.
+        - hx: optional ``(h_0, c_0)``, each (num_layers * D, N, H_out) and
+          (num_layers * D, N, H_cell); 2-D for unbatched input; zeros by default.
+        - output: (L, N, D * H_out) (same batch layout as the input): the top layer's h at
+          every step, forward and backward halves concatenated.
+        - h_n, c_n: like h_0 and c_0, each layer's final state; rows ordered layer 0 forward,
+          layer 0 backward, layer 1 forward, ...
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        spec = LSTMSpec(
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+        )
+        if spec.dropout > 0 and num_layers == 1:
+            warnings.warn(
+                f"dropout={spec.dropout} has no effect with num_layers=1: dropout is applied "
+                f"to each layer's output except the last layer's",
+                stacklevel=2,
+            )
+        self.spec = spec
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        factory = {"device": device, "dtype": dtype}
+        gates = 4 * hidden_size
+        for layer in range(num_layers):
+            for direction in range(spec.num_directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = {
+                    "weight_ih": (gates, spec.layer_input_size(layer)),
+                    "weight_hh": (gates, spec.h_size),
+                }
+                if bias:
+                    shapes["bias_ih"] = (gates,)
+                    shapes["bias_hh"] = (gates,)
+                if proj_size > 0:
+                    shapes["weight_hr"] = (proj_size, hidden_size)
+                names = []
+                for kind, shape in shapes.items():
+                    setattr(self, kind + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(kind + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # torch's configuration attributes, read from (and written through) the validated spec.
+    input_size = _spec_field("input_size")
+    hidden_size = _spec_field("hidden_size")
+    num_layers = _spec_field("num_layers")
+    bias = _spec_field("bias")
+    batch_first = _spec_field("batch_first")
+    dropout = _spec_field("dropout")
+    bidirectional = _spec_field("bidirectional")
+    proj_size = _spec_field("proj_size")
+
+    def reset_parameters(self) -> None:
+        """torch's init: every parameter from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def flatten_parameters(self) -> None:
+        """Does nothing: lstmkit needs no flat weight buffer. Kept for code written for torch."""
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        """The parameters per layer and direction, as ``torch.nn.LSTM.all_weights``."""
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def layer_weights(self) -> list[list[LayerWeights]]:
+        """The parameters as ``weights[layer][direction]`` for :mod:`lstmkit.functional`."""
+        directions = self.spec.num_directions
+        return [
+            [
+                self._direction_weights(f"_l{layer}" + ("_reverse" if d == 1 else ""))
+                for d in range(directions)
+            ]
+            for layer in range(self.num_layers)
+        ]
+
+    def _direction_weights(self, suffix: str) -> LayerWeights:
+        get = self.__dict__["_parameters"].get
+        return LayerWeights(
+            get("weight_ih" + suffix),
+            get("weight_hh" + suffix),
+            get("bias_ih" + suffix),
+            get("bias_hh" + suffix),
+            get("weight_hr" + suffix),
+        )
+
+    def forward(
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
+        return functional.lstm(input, hx, self.spec, self.layer_weights(), self.training)
+
+    def extra_repr(self) -> str:
+        return self.spec.extra_repr()
+
+
+class LSTMCell(nn.Module):
+    r"""One LSTM step, a drop-in replacement for ``torch.nn.LSTMCell``.
+
+    Args:
+        input_size: H_in, features of the input.
+        hidden_size: H, features of h and c.
+        bias: use ``bias_ih`` and ``bias_hh``.
+
+    Shape:
+        - input: (N, H_in) or unbatched (H_in).
+        - hx: optional ``(h, c)``, each (N, H) or (H); zeros by default.
+        - returns ``(h', c')``, each (N, H) or (H).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"{name} should be an int, got {value!r} of type {type(value).__name__}"
+                )
+            if value < 0:
+                raise RuntimeError(f"{name} must not be negative, got {value}")
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        factory = {"device": device, "dtype": dtype}
+        self.weight_ih = nn.Parameter(torch.empty(4 * hidden_size, input_size, **factory))
+        self.weight_hh = nn.Parameter(torch.empty(4 * hidden_size, hidden_size, **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torch's init: every parameter from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))."""
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0.0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -bound, bound)
+
+    def forward(
+        self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor]:
+        x = self._check_input(input)
+        batched = x.dim() == 2
+        if not batched:
+            x = x.unsqueeze(0)
+        if hx is None:
+            h = c = x.new_zeros(x.shape[0], self.hidden_size)
+        else:
+            h, c = self._check_states(hx, batched, x)
+        weights = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        h, c = reference.lstm_cell(reference.project_input(x, weights), h, c, weights)
+        if not batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _where(self) -> str:
+        return f" [{self}]"
+
+    def _check_input(self, input: object) -> Tensor:
+        if not isinstance(input, Tensor):
+            raise TypeError(
+                f"LSTMCell input must be a torch.Tensor, got {type(input).__name__}" + self._where()
+            )
+        if input.dim() not in (1, 2):
+            raise ValueError(
+                f"LSTMCell input must be 2-D (N, H_in) or 1-D (H_in), got a {input.dim()}-D "
+                f"tensor of shape {tuple(input.shape)}; for a whole sequence use lstmkit.LSTM"
+                + self._where()
+            )
+        if input.shape[-1] != self.input_size:
+            raise RuntimeError(
+                f"LSTMCell input's last dimension must be input_size={self.input_size}, got "
+                f"{input.shape[-1]} (shape {tuple(input.shape)})" + self._where()
+            )
+        if input.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"LSTMCell input dtype {input.dtype} does not match the weights' dtype "
+                f"{self.weight_ih.dtype}" + self._where()
+            )
+        return input
+
+    def _check_states(self, hx: object, batched: bool, x: Tensor) -> tuple[Tensor, Tensor]:
+        if isinstance(hx, Tensor) or not isinstance(hx, (tuple, list)):
+            raise TypeError(
+                f"LSTMCell states must be a tuple (h, c) of two tensors, got "
+                f"{type(hx).__name__}" + self._where()
+            )
+        if len(hx) != 2:
+            raise RuntimeError(
+                f"LSTMCell states must be a tuple (h, c) of two tensors, got {len(hx)} items"
+                + self._where()
+            )
+        expected = (x.shape[0], self.hidden_size) if batched else (self.hidden_size,)
+        states = []
+        for name, state in zip(("h", "c"), hx):
+            if not isinstance(state, Tensor):
+                raise TypeError(
+                    f"LSTMCell state {name} must be a torch.Tensor, got {type(state).__name__}"
+                    + self._where()
+                )
+            if state.dim() not in (1, 2):
+                raise ValueError(
+                    f"LSTMCell state {name} must be 2-D (N, H) or 1-D (H), got shape "
+                    f"{tuple(state.shape)}" + self._where()
+                )
+            if tuple(state.shape) != expected:
+                raise RuntimeError(
+                    f"LSTMCell state {name} has shape {tuple(state.shape)}, expected {expected}"
+                    f": one state of hidden_size={self.hidden_size} per sequence, matching the "
+                    f"{'input batch N = ' + str(x.shape[0]) if batched else 'unbatched input'}"
+                    + self._where()
+                )
+            if state.dtype != x.dtype:
+                raise RuntimeError(
+                    f"LSTMCell state {name} has dtype {state.dtype} but the input has "
+                    f"{x.dtype}" + self._where()
+                )
+            states.append(state if batched else state.unsqueeze(0))
+        return states[0], states[1]
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        return s

@@ -1,0 +1,105 @@
+"""The configuration of an LSTM, checked once, shared by the modules, the layout layer and the
+explainer."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LSTMSpec:
+    """An ``LSTM``'s constructor arguments, validated the way ``torch.nn.LSTM`` validates them.
+
+    Invalid arguments raise the exception type torch raises for them, with a message that says
+    what was expected and what was received.
+    """
+
+    input_size: int
+    hidden_size: int
+    num_layers: int = 1
+    bias: bool = True
+    batch_first: bool = False
+    dropout: float = 0.0
+    bidirectional: bool = False
+    proj_size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_size("input_size", self.input_size)
+        _check_size("hidden_size", self.hidden_size)
+        _check_size("num_layers", self.num_layers)
+        for name in ("bias", "batch_first"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(
+                    f"{name} should be of type bool (True or False), got {value!r} of type "
+                    f"{type(value).__name__}"
+                )
+        dropout = self.dropout
+        if (
+            isinstance(dropout, bool)
+            or not isinstance(dropout, numbers.Real)
+            or not 0 <= dropout <= 1
+        ):
+            raise ValueError(
+                f"dropout should be a number in [0, 1], the probability of zeroing an element "
+                f"of each layer's output except the last, got {dropout!r}"
+            )
+        object.__setattr__(self, "dropout", float(dropout))
+        object.__setattr__(self, "bidirectional", bool(self.bidirectional))
+        if isinstance(self.proj_size, bool) or not isinstance(self.proj_size, int):
+            raise TypeError(
+                f"proj_size should be an int, got {self.proj_size!r} of type "
+                f"{type(self.proj_size).__name__}"
+            )
+        if self.proj_size < 0:
+            raise ValueError(
+                f"proj_size should be 0 (no projection) or a positive int smaller than "
+                f"hidden_size, got {self.proj_size}"
+            )
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(
+                f"proj_size projects h down from hidden_size, so it must be smaller than "
+                f"hidden_size={self.hidden_size}, got proj_size={self.proj_size}"
+            )
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    @property
+    def h_size(self) -> int:
+        """Size of h (H_out): ``proj_size`` when projecting, else ``hidden_size``."""
+        return self.proj_size if self.proj_size > 0 else self.hidden_size
+
+    def layer_input_size(self, layer: int) -> int:
+        return self.input_size if layer == 0 else self.h_size * self.num_directions
+
+    def extra_repr(self) -> str:
+        """torch's ``extra_repr`` for this configuration, e.g. ``10, 20, num_layers=2``."""
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        return s
+
+    def __str__(self) -> str:
+        return f"LSTM({self.extra_repr()})"
+
+
+def _check_size(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"{name} should be a positive int, got {value!r} of type {type(value).__name__}"
+        )
+    if value <= 0:
+        raise ValueError(f"{name} must be greater than zero, got {value}")
