@@ -78,7 +78,8 @@ def lstm_direction(
     weights: LayerWeights,
     reverse: bool = False,
     lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    cell_sequence: bool = False,
+) -> tuple[Tensor, ...]:
     """Run one layer in one direction over a time-major batch.
 
     Args:
@@ -88,28 +89,33 @@ def lstm_direction(
         weights: the layer's parameters for this direction.
         reverse: walk the sequence from its end (the backward direction).
         lengths: optional (N,) int64 valid lengths on x's device; ``None`` means all are L.
+        cell_sequence: also return the cell state of every step.
 
     Returns:
-        output (L, N, P) with zeros at padded steps, h_n (N, P), c_n (N, H).
+        output (L, N, P) with zeros at padded steps, h_n (N, P), c_n (N, H), and with
+        ``cell_sequence`` the cells (L, N, H), zeros at padded steps.
     """
     steps = x.shape[0]
     gates_x = project_input(x, weights)  # (L, N, 4H)
     h, c = h0, c0  # (N, P), (N, H)
     outputs: list[Tensor] = [h0] * steps
+    cells: list[Tensor] = [c0] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
         h_next, c_next = lstm_cell(gates_x[t], h, c, weights)  # (N, P), (N, H)
         if lengths is None:
             h, c = h_next, c_next
-            outputs[t] = h_next
+            outputs[t], cells[t] = h_next, c_next
         else:
             valid = (lengths > t).unsqueeze(1)  # (N, 1)
             h = torch.where(valid, h_next, h)  # (N, P)
             c = torch.where(valid, c_next, c)  # (N, H)
             outputs[t] = torch.where(valid, h_next, torch.zeros_like(h_next))  # (N, P)
-    if steps == 0:
-        return x.new_empty(0, h0.shape[0], h0.shape[1]), h, c
-    return torch.stack(outputs), h, c  # (L, N, P), (N, P), (N, H)
+            cells[t] = torch.where(valid, c_next, torch.zeros_like(c_next))  # (N, H)
+    result = (torch.stack(outputs), h, c)  # (L, N, P), (N, P), (N, H)
+    if cell_sequence:
+        return (*result, torch.stack(cells))  # (L, N, H)
+    return result
 
 
 def lstm_layer(
@@ -118,21 +124,22 @@ def lstm_layer(
     c0: Tensor,
     weights: list[LayerWeights],
     lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    cell_sequence: bool = False,
+) -> tuple[Tensor, ...]:
     """Run one layer in every direction (forward first, then backward).
 
     Shape: x (L, N, I), h0 (D, N, P), c0 (D, N, H) -> output (L, N, D*P), h_n (D, N, P),
-    c_n (D, N, H).
+    c_n (D, N, H), and with ``cell_sequence`` the cells (L, N, D*H).
     """
     results = [
-        lstm_direction(x, h0[d], c0[d], w, reverse=d == 1, lengths=lengths)
+        lstm_direction(x, h0[d], c0[d], w, d == 1, lengths, cell_sequence)
         for d, w in enumerate(weights)
     ]
-    if len(results) == 1:
-        out, h, c = results[0]
-        return out, h.unsqueeze(0), c.unsqueeze(0)
-    return (
+    layer = (
         torch.cat([r[0] for r in results], dim=2),  # (L, N, D*P)
         torch.stack([r[1] for r in results]),  # (D, N, P)
         torch.stack([r[2] for r in results]),  # (D, N, H)
     )
+    if cell_sequence:
+        return (*layer, torch.cat([r[3] for r in results], dim=2))  # (L, N, D*H)
+    return layer

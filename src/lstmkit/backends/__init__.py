@@ -63,7 +63,8 @@ class Backend:
         c0: Tensor,
         weights: list[LayerWeights],
         lengths: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        cell_sequence: bool = False,
+    ) -> tuple[Tensor, ...]:
         """Run one layer, every direction, differentiably.
 
         Args:
@@ -72,10 +73,14 @@ class Backend:
             c0: (D, N, H) initial cell states.
             weights: D entries, forward direction first.
             lengths: ``None`` when every sequence has L steps, else an (N,) int64 tensor on
-                the CPU, sorted in non-increasing order, each value in [0, L].
+                the CPU, sorted in non-increasing order, each value in [0, L] (0 is allowed:
+                that sequence's output is all zeros and its final state is its initial one).
+            cell_sequence: also return every step's cell state.
 
         Returns:
-            output (L, N, D*P) with zeros at padded steps, h_n (D, N, P), c_n (D, N, H).
+            output (L, N, D*P) with zeros at padded steps, h_n (D, N, P), c_n (D, N, H), and
+            with ``cell_sequence`` the cells (L, N, D*H), zeros at padded steps. Gradients
+            flow to x, h0, c0 and every weight from all of these.
         """
         raise NotImplementedError
 

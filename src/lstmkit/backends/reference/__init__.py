@@ -23,10 +23,11 @@ class ReferenceBackend(Backend):
         c0: Tensor,
         weights: list[LayerWeights],
         lengths: Tensor | None,
-    ) -> tuple[Tensor, Tensor, Tensor]:
+        cell_sequence: bool = False,
+    ) -> tuple[Tensor, ...]:
         if lengths is not None:
             lengths = lengths.to(x.device)
-        return reference.lstm_layer(x, h0, c0, weights, lengths)
+        return reference.lstm_layer(x, h0, c0, weights, lengths, cell_sequence)
 
 
 BACKEND = ReferenceBackend()
