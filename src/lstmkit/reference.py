@@ -66,9 +66,8 @@ def project_input(x: Tensor, weights: LayerWeights) -> Tensor:
     """``W_ih x + b_ih`` for every step at once. Shape: x (..., I) -> (..., 4H)."""
     if weights.bias_ih is None:
         return x @ weights.weight_ih.t()
-    return torch.addmm(weights.bias_ih, x.reshape(-1, x.shape[-1]), weights.weight_ih.t()).view(
-        *x.shape[:-1], -1
-    )
+    flat = torch.addmm(weights.bias_ih, x.reshape(-1, x.shape[-1]), weights.weight_ih.t())
+    return flat.view(*x.shape[:-1], weights.weight_ih.shape[0])
 
 
 def lstm_direction(
