@@ -169,7 +169,7 @@ class RecordOps(TorchDispatchMode):
         super().__init__()
         self.names: set[str] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.names.add(func.__name__.split(".")[0])
         return func(*args, **(kwargs or {}))
 
