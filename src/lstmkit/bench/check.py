@@ -1,0 +1,189 @@
+"""The correctness check a candidate must pass before it is timed.
+
+The candidate and ``torch.nn.LSTM`` hold the same parameters and run on the same batch. For
+inference (eval mode, ``no_grad``) the output, h_n and c_n must match; for a training step
+(train mode) also the gradient of the input and of every parameter, under a loss that weights
+every output and state element differently so that no gradient hides behind a symmetric sum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+Batch = Tensor | PackedSequence
+Outputs = tuple[Batch, Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``|actual - expected| <= atol + rtol * |expected|``, element by element."""
+
+    atol: float
+    rtol: float
+
+
+# fp32, the semantics of the test suite's table (tests/compare.py): both sides compute the same
+# sums in a different order, so values differ by a few ulps per dependent operation; gradients
+# accumulate over every step and layer, so they get a looser bound.
+TOLERANCES: dict[str, Tolerance] = {
+    "value": Tolerance(atol=2e-5, rtol=1e-4),
+    "grad": Tolerance(atol=5e-5, rtol=2e-4),
+}
+
+
+def mismatch(actual: object, expected: Tensor, what: str, kind: str = "value") -> str | None:
+    """``None`` if ``actual`` matches ``expected`` within ``TOLERANCES[kind]``, else why not."""
+    if not isinstance(actual, Tensor):
+        return f"{what} is a {type(actual).__name__}, not a tensor"
+    if actual.shape != expected.shape:
+        return f"{what} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+    if actual.dtype != expected.dtype:
+        return f"{what} has dtype {actual.dtype}, expected {expected.dtype}"
+    tol = TOLERANCES[kind]
+    actual, expected = actual.detach(), expected.detach()
+    close = torch.isclose(actual, expected, rtol=tol.rtol, atol=tol.atol)
+    if bool(close.all()):
+        return None
+    excess = (actual - expected).abs() - tol.rtol * expected.abs()
+    # NaN and inf differences rank as the worst, so the message shows one of them.
+    excess = torch.where(close, -torch.inf, excess.nan_to_num(torch.inf, torch.inf, torch.inf))
+    worst = int(excess.argmax())
+    return (
+        f"{what}: {int((~close).sum())} of {close.numel()} values outside "
+        f"|diff| <= {tol.atol:g} + {tol.rtol:g} * |expected|; worst: "
+        f"{actual.flatten()[worst].item():.6g} where {expected.flatten()[worst].item():.6g} "
+        f"was expected"
+    )
+
+
+def check(mode: str, oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+    """``None`` if ``candidate`` matches ``oracle`` on ``batch`` in ``mode``, else why not.
+
+    Args:
+        mode: ``"inference"`` or ``"training"``.
+        oracle: the ``torch.nn.LSTM`` that defines the right answer.
+        candidate: a module with the oracle's parameter names and values.
+        batch: an (L, N, H_in) tensor or a PackedSequence.
+
+    Both modules are left with no gradients.
+    """
+    if mode == "inference":
+        return _check_inference(oracle, candidate, batch)
+    if mode == "training":
+        try:
+            return _check_training(oracle, candidate, batch)
+        finally:
+            oracle.zero_grad(set_to_none=True)
+            candidate.zero_grad(set_to_none=True)
+    raise ValueError(f"mode is 'inference' or 'training', got {mode!r}")
+
+
+def _check_inference(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+    oracle.eval()
+    candidate.eval()
+    with torch.no_grad():
+        expected = _forward(oracle, batch)
+        actual = _forward_candidate(candidate, batch)
+    if isinstance(actual, str):
+        return actual
+    return _first(_compare_outputs(actual, expected))
+
+
+def _check_training(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+    oracle.train()
+    candidate.train()
+    oracle_batch, oracle_leaf = _leaf_batch(batch)
+    candidate_batch, candidate_leaf = _leaf_batch(batch)
+    expected = _forward(oracle, oracle_batch)
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=generator) for t in _tensors(expected)]
+    _weighted_sum(expected, weights).backward()
+    actual = _forward_candidate(candidate, candidate_batch)
+    if isinstance(actual, str):
+        return actual
+    problem = _first(_compare_outputs(actual, expected))
+    if problem is not None:
+        return problem
+    try:
+        _weighted_sum(actual, weights).backward()
+    except Exception as error:  # a broken backward is a failed check, not a crashed run
+        return f"backward raised {type(error).__name__}: {error}"
+    problems = [mismatch(candidate_leaf.grad, oracle_leaf.grad, "grad input", "grad")]
+    oracle_params = dict(oracle.named_parameters())
+    candidate_params = dict(candidate.named_parameters())
+    if sorted(candidate_params) != sorted(oracle_params):
+        problems.append(f"parameters {sorted(candidate_params)}, expected {sorted(oracle_params)}")
+    for name, param in oracle_params.items():
+        if name in candidate_params:
+            got = candidate_params[name].grad
+            problems.append(mismatch(got, param.grad, f"grad {name}", "grad"))
+    return _first(problems)
+
+
+def _forward(module: nn.Module, batch: Batch) -> Outputs:
+    output, (h_n, c_n) = module(batch)
+    return output, h_n, c_n
+
+
+def _forward_candidate(candidate: nn.Module, batch: Batch) -> Outputs | str:
+    try:
+        return _forward(candidate, batch)
+    except Exception as error:  # a candidate that cannot run is a failed check, not a crash
+        return f"forward raised {type(error).__name__}: {error}"
+
+
+def _leaf_batch(batch: Batch) -> tuple[Batch, Tensor]:
+    """A copy of ``batch`` whose data is a fresh leaf that records its gradient."""
+    if isinstance(batch, PackedSequence):
+        data = batch.data.detach().clone().requires_grad_()
+        return PackedSequence(
+            data, batch.batch_sizes, batch.sorted_indices, batch.unsorted_indices
+        ), data
+    leaf = batch.detach().clone().requires_grad_()
+    return leaf, leaf
+
+
+def _tensors(outputs: Outputs) -> list[Tensor]:
+    output, h_n, c_n = outputs
+    data = output.data if isinstance(output, PackedSequence) else output
+    return [data, h_n, c_n]
+
+
+def _weighted_sum(outputs: Outputs, weights: list[Tensor]) -> Tensor:
+    terms = [(t * w).sum() for t, w in zip(_tensors(outputs), weights, strict=True)]
+    return torch.stack(terms).sum()
+
+
+def _compare_outputs(actual: Outputs, expected: Outputs) -> list[str | None]:
+    problems: list[str | None] = []
+    # A packed output must keep the input's order as well as its values.
+    if isinstance(expected[0], PackedSequence):
+        got = actual[0]
+        if not isinstance(got, PackedSequence):
+            return [f"output is a {type(got).__name__}, expected a PackedSequence"]
+        for field in ("batch_sizes", "sorted_indices", "unsorted_indices"):
+            if not _same_index(getattr(got, field), getattr(expected[0], field)):
+                problems.append(f"output PackedSequence has different {field}")
+    names = ("output", "h_n", "c_n")
+    for name, got_tensor, want in zip(names, _tensors(actual), _tensors(expected), strict=True):
+        problems.append(mismatch(got_tensor, want, name))
+    return problems
+
+
+def _same_index(a: Tensor | None, b: Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return torch.equal(a, b)
+
+
+def _first(problems: list[str | None]) -> str | None:
+    """The first problem, with a count of the others."""
+    found = [p for p in problems if p is not None]
+    if not found:
+        return None
+    more = f" (and {len(found) - 1} more mismatches)" if len(found) > 1 else ""
+    return found[0] + more

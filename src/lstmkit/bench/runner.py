@@ -1,0 +1,259 @@
+"""``lstmkit bench``: check, then time, lstmkit.LSTM against torch.nn.LSTM on the standard grid.
+
+For each configuration and mode: build ``torch.nn.LSTM`` (seed 0) and the candidate with the
+same state_dict, check the candidate on the configuration's batch (:mod:`lstmkit.bench.check`),
+and only if it passes, time both interleaved (:mod:`lstmkit.bench.timing`). Prints a table as
+it goes, then the targets summary, and writes a CSV. Exits non-zero if any check failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+import lstmkit
+from lstmkit import backends
+from lstmkit.bench import report
+from lstmkit.bench.check import Batch, check
+from lstmkit.bench.configs import (
+    SHAPE_SYNTAX,
+    BenchConfig,
+    default_grid,
+    load_grid,
+    make_input,
+    parse_shape,
+    repo_root,
+    select,
+)
+from lstmkit.bench.timing import Budget, sgemm_peak, time_interleaved
+
+MODES = ("inference", "training")
+
+# Builds the module to time from the configuration and the oracle whose state_dict it must hold.
+MakeCandidate = Callable[[BenchConfig, nn.LSTM], nn.Module]
+
+
+def make_lstmkit(config: BenchConfig, oracle: nn.LSTM) -> nn.Module:
+    """``lstmkit.LSTM`` with the oracle's parameters."""
+    candidate = lstmkit.LSTM(**config.lstm_kwargs())
+    candidate.load_state_dict(oracle.state_dict())
+    return candidate
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to run and for how long: the modes, the timing budget and the sgemm size."""
+
+    modes: tuple[str, ...] = MODES
+    budget: Budget = field(
+        default_factory=lambda: Budget(seconds=8.0, min_repeats=5, max_repeats=50)
+    )
+    peak_size: int = 4096
+    peak_repeats: int = 5
+
+
+QUICK = Settings(
+    budget=Budget(seconds=0.3, min_repeats=3, max_repeats=10, min_sample_s=0.002, warmup_s=0.0),
+    peak_size=2048,
+    peak_repeats=3,
+)
+
+
+def step(module: nn.Module, batch: Batch, mode: str) -> Callable[[], None]:
+    """One timed call: a no_grad forward in eval mode, or a training step (forward, backward
+    of output.sum() + h_n.sum() + c_n.sum(), with the gradients reset to None first)."""
+    if mode == "inference":
+        module.eval()
+
+        def forward() -> None:
+            with torch.no_grad():
+                module(batch)
+
+        return forward
+    module.train()
+
+    def train() -> None:
+        module.zero_grad(set_to_none=True)
+        output, (h_n, c_n) = module(batch)
+        data = output.data if isinstance(output, PackedSequence) else output
+        (data.sum() + h_n.sum() + c_n.sum()).backward()
+
+    return train
+
+
+def bench_config(
+    config: BenchConfig, mode: str, budget: Budget, make_candidate: MakeCandidate = make_lstmkit
+) -> report.Row:
+    """Check the candidate on ``config`` in ``mode``; time it against torch only if it passes."""
+    torch.manual_seed(0)
+    oracle = nn.LSTM(**config.lstm_kwargs())
+    candidate = make_candidate(config, oracle)
+    batch = make_input(config)
+    before = backends.last_choice()
+    failure = check(mode, oracle, candidate, batch)
+    choice = backends.last_choice()
+    # The choice is a new object per lstmkit call: an unchanged one means lstmkit never ran.
+    backend = "" if choice is None or choice is before else choice.backend
+    if failure is not None:
+        return report.Row(config, mode, backend, failure)
+    timings = time_interleaved(
+        {"torch": step(oracle, batch, mode), "lstmkit": step(candidate, batch, mode)}, budget
+    )
+    return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"])
+
+
+def run_benchmark(
+    configs: Sequence[BenchConfig],
+    env: report.Environment,
+    settings: Settings,
+    make_candidate: MakeCandidate = make_lstmkit,
+    out: Callable[[str], None] = print,
+) -> list[report.Row]:
+    """Every configuration in every mode of ``settings``; prints the table as rows finish."""
+    width = max([16, *(len(c.name) for c in configs)])
+    out(report.table_header(width))
+    rows = []
+    with warnings.catch_warnings():
+        # torch.nn.LSTM announces its own slower path for projections on every call.
+        warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+        for config in configs:
+            for mode in settings.modes:
+                row = bench_config(config, mode, settings.budget, make_candidate)
+                out(report.table_line(env, row, width))
+                rows.append(row)
+    return rows
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--grid",
+        type=Path,
+        help="grid JSON file (default: ../shared/bench/grid.json beside the checkout when "
+        "present, else the copy shipped in lstmkit/data/grid.json)",
+    )
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a grid config to run (repeatable; default: the whole grid unless --shape is given)",
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        default=[],
+        type=_shape_argument,
+        metavar="SHAPE",
+        help=f"an ad-hoc config, {SHAPE_SYNTAX} (repeatable), e.g. 100,8,128,128,layers=2,bi",
+    )
+    parser.add_argument("--mode", choices=(*MODES, "both"), default="both", help="default both")
+    parser.add_argument(
+        "--repeats", type=int, help="samples per candidate (default: adapted to a time budget)"
+    )
+    parser.add_argument(
+        "--budget", type=float, help="seconds of timing per config and mode (default 8; quick 0.3)"
+    )
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--backend",
+        choices=backends.PREFERENCE,
+        help=f"the lstmkit backend to time (sets {backends.BACKEND_ENV}; default: lstmkit chooses)",
+    )
+    parser.add_argument(
+        "--csv",
+        type=Path,
+        help="where to write the CSV (default benchmarks/results/<date>-<sha>.csv)",
+    )
+    parser.add_argument(
+        "--peak-size", type=int, help="sgemm size n for n^3 (default 4096; quick 2048)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a smoke run: few repeats, short budget, small sgemm"
+    )
+    parser.add_argument("--list", action="store_true", help="list the grid's configs and exit")
+
+
+def _shape_argument(text: str) -> BenchConfig:
+    try:
+        return parse_shape(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The run's settings: the defaults or ``QUICK``, with the command line's overrides."""
+    base = QUICK if args.quick else Settings()
+    budget = base.budget
+    if args.budget is not None:
+        budget = Budget(args.budget, budget.min_repeats, budget.max_repeats, None,
+                        budget.min_sample_s, budget.warmup_s)  # fmt: skip
+    if args.repeats is not None:
+        if args.repeats < 1:
+            raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+        budget = Budget(budget.seconds, budget.min_repeats, budget.max_repeats, args.repeats,
+                        budget.min_sample_s, budget.warmup_s)  # fmt: skip
+    modes = MODES if args.mode == "both" else (args.mode,)
+    peak_size = args.peak_size if args.peak_size is not None else base.peak_size
+    return Settings(modes, budget, peak_size, base.peak_repeats)
+
+
+def default_csv(env: report.Environment) -> Path:
+    """benchmarks/results/<date>-<sha>.csv in the checkout (else in the current folder)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.strptime(env.date, "%Y-%m-%d %H:%M:%S"))
+    name = f"{stamp}-{env.git_sha or 'nogit'}.csv"
+    return (repo_root() or Path.cwd()) / "benchmarks" / "results" / name
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark the arguments describe; 1 if any check failed, else 0."""
+    grid_path = args.grid if args.grid is not None else default_grid()
+    grid = load_grid(grid_path)
+    if args.list:
+        for config in grid:
+            gflop = config.forward_flops() / 1e9
+            print(f"{config.name:<16} {config.group:<11} {gflop:>8.3f} GFLOP  {config.describe()}")
+        return 0
+    configs = select(grid, args.config) if args.config or args.shape else list(grid)
+    configs += args.shape
+    settings = settings_from(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    if args.backend is not None:
+        os.environ[backends.BACKEND_ENV] = args.backend
+
+    print(f"measuring the sgemm peak ({settings.peak_size}^3)...", flush=True)
+    peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
+    env = report.collect_environment(str(grid_path), peak)
+    print("\n".join(env.lines()))
+    forced = backends.forced_name()
+    print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
+    print(report.FLOP_CONVENTION)
+    print()
+    rows = run_benchmark(configs, env, settings, out=lambda line: print(line, flush=True))
+    print()
+    print("\n".join(report.summary_lines(env, rows)))
+    csv_path = args.csv if args.csv is not None else default_csv(env)
+    report.write_csv(csv_path, env, rows)
+    print(f"\nwrote {csv_path}")
+    failed = [f"{r.config.name} {r.mode}" for r in rows if r.failure is not None]
+    if failed:
+        print(f"checks FAILED, not timed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``benchmarks/run.py`` and ``python -m lstmkit.bench``: the same as ``lstmkit bench``."""
+    parser = argparse.ArgumentParser(prog="lstmkit bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
