@@ -4,8 +4,10 @@
 return the same results as their torch counterparts; ``state_dict``s load both ways.
 """
 
+from lstmkit import states
+from lstmkit.explain import explain
 from lstmkit.modules import LSTM, LSTMCell
 from lstmkit.spec import LSTMSpec
 
-__all__ = ["LSTM", "LSTMCell", "LSTMSpec"]
+__all__ = ["LSTM", "LSTMCell", "LSTMSpec", "explain", "states"]
 __version__ = "0.1.0"

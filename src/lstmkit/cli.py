@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lstmkit.demo", "run the tutorial's two examples and check their identities"),
     "backends": ("lstmkit.backends.report", "list the backends and which one each call uses"),
     "warmup": ("lstmkit.backends.warmup", "do every backend's one-time work (compiling) now"),
+    "explain": ("lstmkit.explain.cli", "every shape, parameter and pitfall of an LSTM, checked"),
     "bench": ("lstmkit.bench.runner", "check, then time, lstmkit against torch.nn.LSTM"),
 }
 
