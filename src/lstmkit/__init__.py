@@ -8,6 +8,7 @@ from lstmkit import states
 from lstmkit.explain import explain
 from lstmkit.modules import LSTM, LSTMCell
 from lstmkit.spec import LSTMSpec
+from lstmkit.streaming import Stream
 
-__all__ = ["LSTM", "LSTMCell", "LSTMSpec", "explain", "states"]
+__all__ = ["LSTM", "LSTMCell", "LSTMSpec", "Stream", "explain", "states"]
 __version__ = "0.1.0"

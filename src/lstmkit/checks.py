@@ -143,3 +143,42 @@ def check_states(
                 f"{name} is on {state.device} but the input is on {x.device}" + hint(spec)
             )
     return h0, c0
+
+
+def check_lengths(lengths: object, batched: bool, steps: int, batch: int, spec: LSTMSpec) -> Tensor:
+    """``lengths=`` of a padded batch as an (N,) int64 CPU tensor with values in [0, L]."""
+    if isinstance(lengths, Tensor):
+        if (
+            lengths.dtype.is_floating_point
+            or lengths.dtype.is_complex
+            or lengths.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"lengths must hold integers, got a tensor of dtype {lengths.dtype}" + hint(spec)
+            )
+        values = lengths.detach().to("cpu", torch.int64)
+    else:
+        items = [lengths] if isinstance(lengths, int) else lengths
+        if not isinstance(items, Sequence) or not all(
+            isinstance(v, int) and not isinstance(v, bool) for v in items
+        ):
+            raise TypeError(
+                f"lengths must be a 1-D integer tensor or a list of ints, got {lengths!r}"
+                + hint(spec)
+            )
+        values = torch.tensor(items, dtype=torch.int64)
+    expected = (batch,) if batched else (1,)
+    if values.dim() == 0:
+        values = values.reshape(1)
+    if tuple(values.shape) != expected:
+        what = f"one length per sequence, N = {batch}" if batched else "one length (unbatched)"
+        raise ValueError(
+            f"lengths has shape {tuple(values.shape)}, expected {expected}: {what}" + hint(spec)
+        )
+    low, high = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
+    if low < 0 or high > steps:
+        raise ValueError(
+            f"lengths must lie in [0, L] = [0, {steps}] (L is the padded sequence length), got "
+            f"values from {low} to {high}" + hint(spec)
+        )
+    return values

@@ -3,11 +3,14 @@
 Backends only ever see one layer at a time as time-major, contiguous tensors (see
 :class:`lstmkit.backends.Backend`). Everything else is resolved here, once: ``batch_first``,
 unbatched input, ``PackedSequence`` (unpacked to a padded batch in its sorted order, with the
-lengths sorted non-increasing), default zero states, stacking layers, the two directions and
-the dropout between layers.
+lengths sorted non-increasing), ``lengths=`` for a padded batch (sorted the same way, and the
+results put back in the caller's order), default states, stacking layers, the two directions
+and the dropout between layers.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,14 +24,33 @@ from lstmkit.spec import LSTMSpec
 State = tuple[Tensor, Tensor]
 
 
+class Result(NamedTuple):
+    """What one forward call produces, in the caller's layout and batch order.
+
+    ``layer_outputs`` and ``layer_cells`` are filled only when asked for (``sequences=True``):
+    one entry per layer, like ``output`` (a tensor, or a PackedSequence for packed input), the
+    first holding that layer's h (D*H_out features), the second its c (D*H_cell features).
+    """
+
+    output: Tensor | PackedSequence
+    h_n: Tensor
+    c_n: Tensor
+    layer_outputs: tuple[Tensor | PackedSequence, ...] | None = None
+    layer_cells: tuple[Tensor | PackedSequence, ...] | None = None
+
+
 def lstm(
     input: Tensor | PackedSequence,
     hx: State | None,
     spec: LSTMSpec,
     weights: list[list[LayerWeights]],
     training: bool = False,
-) -> tuple[Tensor | PackedSequence, State]:
-    """Run a stacked LSTM exactly as ``torch.nn.LSTM.forward`` does.
+    *,
+    lengths: Tensor | list[int] | tuple[int, ...] | int | None = None,
+    initial_state: State | None = None,
+    sequences: bool = False,
+) -> Result:
+    """Run a stacked LSTM exactly as ``torch.nn.LSTM.forward`` does, plus lstmkit's extras.
 
     Args:
         input: (L, N, H_in), (N, L, H_in) with ``spec.batch_first``, unbatched (L, H_in), or
@@ -37,26 +59,56 @@ def lstm(
         spec: the configuration.
         weights: ``weights[layer][direction]``.
         training: enables the dropout between layers.
-
-    Returns:
-        ``output, (h_n, c_n)`` in the caller's layout and batch order.
+        lengths: valid steps of each sequence of a padded batch, (N,) in [0, L], any order;
+            the result is what packing, running and unpacking with zero padding gives.
+        initial_state: ``(h, c)`` of shapes (num_layers*D, H_out) and (num_layers*D, H_cell)
+            used for every sequence when ``hx`` is not given (zeros when ``None``).
+        sequences: also return every layer's h and c at every step.
     """
     weight_dtype = weights[0][0].weight_ih.dtype
     if isinstance(input, PackedSequence):
-        return _packed(input, hx, spec, weights, training, weight_dtype)
+        if lengths is not None:
+            raise ValueError(
+                "lengths= is for a padded batch; a PackedSequence already carries its lengths"
+                + checks.hint(spec)
+            )
+        return _packed(input, hx, spec, weights, training, weight_dtype, initial_state, sequences)
     x = checks.check_input(input, spec, weight_dtype)
     batched = x.dim() == 3
     if not batched:
         x = x.unsqueeze(1)
     elif spec.batch_first:
         x = x.transpose(0, 1)
-    h0, c0 = _states(hx, batched, x, spec)
-    out, h_n, c_n = run_stack(x, h0, c0, spec, weights, training, None)
-    if not batched:
-        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-    if spec.batch_first:
-        out = out.transpose(0, 1)
-    return out, (h_n, c_n)
+    steps, batch = x.shape[0], x.shape[1]
+    h0, c0 = _states(hx, batched, x, spec, initial_state)
+    order = restore = None
+    if lengths is not None:
+        lengths = checks.check_lengths(lengths, batched, steps, batch, spec)
+        if bool((lengths == steps).all()):
+            lengths = None
+        elif bool((lengths[1:] > lengths[:-1]).any()):
+            lengths, order = torch.sort(lengths, descending=True, stable=True)
+            restore = torch.argsort(order).to(x.device)
+            order = order.to(x.device)
+            x = x.index_select(1, order)
+            h0, c0 = h0.index_select(1, order), c0.index_select(1, order)
+    out, h_n, c_n, per_layer = run_stack(x, h0, c0, spec, weights, training, lengths, sequences)
+
+    def to_caller(t: Tensor, sequence: bool = True) -> Tensor:
+        """Back to the caller's batch order and layout; batch_first applies to sequences only."""
+        if restore is not None:
+            t = t.index_select(1, restore)
+        if not batched:
+            return t.squeeze(1)
+        return t.transpose(0, 1) if spec.batch_first and sequence else t
+
+    result = Result(to_caller(out), to_caller(h_n, False), to_caller(c_n, False))
+    if per_layer is None:
+        return result
+    return result._replace(
+        layer_outputs=tuple(to_caller(h) for h, _ in per_layer),
+        layer_cells=tuple(to_caller(c) for _, c in per_layer),
+    )
 
 
 def _packed(
@@ -66,7 +118,9 @@ def _packed(
     weights: list[list[LayerWeights]],
     training: bool,
     weight_dtype: torch.dtype,
-) -> tuple[PackedSequence, State]:
+    initial_state: State | None,
+    sequences: bool,
+) -> Result:
     data = checks.check_packed_data(packed.data, spec, weight_dtype)
     batch_sizes = packed.batch_sizes
     batch = int(batch_sizes[0])
@@ -76,15 +130,24 @@ def _packed(
             order = packed.sorted_indices.to(data.device)
             h0, c0 = h0.index_select(1, order), c0.index_select(1, order)
     else:
-        h0, c0 = zero_states(spec, batch, data)
+        h0, c0 = default_states(spec, batch, data, initial_state)
     x, lengths, flat_index = unpack(data, batch_sizes)
-    out, h_n, c_n = run_stack(x, h0, c0, spec, weights, training, lengths)
-    out_data = out.reshape(-1, out.shape[-1]).index_select(0, flat_index)
+    out, h_n, c_n, per_layer = run_stack(x, h0, c0, spec, weights, training, lengths, sequences)
+
+    def repack(t: Tensor) -> PackedSequence:
+        rows = t.reshape(-1, t.shape[-1]).index_select(0, flat_index)
+        return PackedSequence(rows, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+
     if packed.unsorted_indices is not None:
         order = packed.unsorted_indices.to(data.device)
         h_n, c_n = h_n.index_select(1, order), c_n.index_select(1, order)
-    result = PackedSequence(out_data, batch_sizes, packed.sorted_indices, packed.unsorted_indices)
-    return result, (h_n, c_n)
+    result = Result(repack(out), h_n, c_n)
+    if per_layer is None:
+        return result
+    return result._replace(
+        layer_outputs=tuple(repack(h) for h, _ in per_layer),
+        layer_cells=tuple(repack(c) for _, c in per_layer),
+    )
 
 
 def unpack(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,16 +166,27 @@ def unpack(data: Tensor, batch_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return padded.view(steps, batch, -1), lengths, flat_index
 
 
-def zero_states(spec: LSTMSpec, batch: int, like: Tensor) -> State:
+def default_states(
+    spec: LSTMSpec, batch: int, like: Tensor, initial_state: State | None = None
+) -> State:
+    """The states used when ``hx`` is not given: zeros, or ``initial_state`` for every
+    sequence. Shapes: (num_layers*D, N, H_out) and (num_layers*D, N, H_cell)."""
     rows = spec.num_layers * spec.num_directions
-    h0 = like.new_zeros(rows, batch, spec.h_size)
-    c0 = like.new_zeros(rows, batch, spec.hidden_size)
-    return h0, c0
+    if initial_state is None:
+        return like.new_zeros(rows, batch, spec.h_size), like.new_zeros(
+            rows, batch, spec.hidden_size
+        )
+    h, c = initial_state  # (num_layers*D, H_out), (num_layers*D, H_cell)
+    return h.unsqueeze(1).expand(rows, batch, spec.h_size), c.unsqueeze(1).expand(
+        rows, batch, spec.hidden_size
+    )
 
 
-def _states(hx: State | None, batched: bool, x: Tensor, spec: LSTMSpec) -> State:
+def _states(
+    hx: State | None, batched: bool, x: Tensor, spec: LSTMSpec, initial_state: State | None
+) -> State:
     if hx is None:
-        return zero_states(spec, x.shape[1], x)
+        return default_states(spec, x.shape[1], x, initial_state)
     h0, c0 = checks.check_states(hx, batched, x.shape[1], spec, x)
     if not batched:
         return h0.unsqueeze(1), c0.unsqueeze(1)
@@ -127,9 +201,11 @@ def run_stack(
     weights: list[list[LayerWeights]],
     training: bool,
     lengths: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
+    sequences: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, list[tuple[Tensor, Tensor]] | None]:
     """Every layer on canonical tensors. Shape: x (L, N, H_in), h0 (num_layers*D, N, H_out),
-    c0 (num_layers*D, N, H_cell) -> output (L, N, D*H_out), h_n and c_n like h0 and c0."""
+    c0 (num_layers*D, N, H_cell) -> output (L, N, D*H_out), h_n and c_n like h0 and c0, and
+    with ``sequences`` each layer's (h (L, N, D*H_out), c (L, N, D*H_cell)) at every step."""
     request = backends.Request(
         device_type=x.device.type,
         dtype=x.dtype,
@@ -148,14 +224,19 @@ def run_stack(
     directions = spec.num_directions
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []
+    per_layer: list[tuple[Tensor, Tensor]] = []
     layer_input = x.contiguous()
+    h0, c0 = h0.contiguous(), c0.contiguous()
     for layer, layer_weights in enumerate(weights):
         rows = slice(layer * directions, (layer + 1) * directions)
-        layer_input, h, c = backend.run_layer(
-            layer_input, h0[rows], c0[rows], layer_weights, lengths
+        out, h, c, *cells = backend.run_layer(
+            layer_input, h0[rows], c0[rows], layer_weights, lengths, sequences
         )
         h_n.append(h)
         c_n.append(c)
+        if sequences:
+            per_layer.append((out, cells[0]))
         if training and spec.dropout > 0 and layer < spec.num_layers - 1:
-            layer_input = F.dropout(layer_input, spec.dropout, training=True)
-    return layer_input, torch.cat(h_n), torch.cat(c_n)
+            out = F.dropout(out, spec.dropout, training=True)
+        layer_input = out
+    return layer_input, torch.cat(h_n), torch.cat(c_n), per_layer if sequences else None

@@ -17,6 +17,7 @@ from torch.nn.utils.rnn import PackedSequence
 from lstmkit import functional, reference
 from lstmkit.reference import LayerWeights
 from lstmkit.spec import LSTMSpec
+from lstmkit.streaming import Stream
 
 
 def _spec_field(name: str) -> property:
@@ -61,6 +62,17 @@ class LSTM(nn.Module):
           every step, forward and backward halves concatenated.
         - h_n, c_n: like h_0 and c_0, each layer's final state; rows ordered layer 0 forward,
           layer 0 backward, layer 1 forward, ...
+
+    lstmkit's extras (keyword-only; the defaults behave like ``torch.nn.LSTM``):
+        learn_initial_state: add learnable initial states, used when ``hx`` is not given:
+            ``h0_l{k}`` (H_out,) and ``c0_l{k}`` (H_cell,) per layer, ``..._reverse`` for the
+            backward direction, initialised to zero.
+        forget_bias: if given, the forget gate's slice of ``bias_ih`` is set to this value and
+            that of ``bias_hh`` to zero at init, so their sum is ``forget_bias``.
+
+    ``forward`` also takes ``lengths=`` (a padded batch's valid lengths, see :meth:`forward`);
+    :meth:`forward_all` returns every layer's h and c sequences; :meth:`stream` runs a long
+    sequence chunk by chunk.
     """
 
     def __init__(
@@ -75,6 +87,9 @@ class LSTM(nn.Module):
         proj_size: int = 0,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        *,
+        learn_initial_state: bool = False,
+        forget_bias: float | None = None,
     ) -> None:
         super().__init__()
         spec = LSTMSpec(
@@ -86,6 +101,8 @@ class LSTM(nn.Module):
             dropout,
             bidirectional,
             proj_size,
+            learn_initial_state,
+            forget_bias,
         )
         if spec.dropout > 0 and num_layers == 1:
             warnings.warn(
@@ -116,7 +133,20 @@ class LSTM(nn.Module):
                     names.append(kind + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        if learn_initial_state:
+            for name in self._initial_state_names():
+                size = spec.h_size if name.startswith("h") else hidden_size
+                setattr(self, name, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
+
+    def _initial_state_names(self) -> list[str]:
+        """``h0_l{k}[_reverse]`` then ``c0_l{k}[_reverse]``, rows in h_n's order."""
+        suffixes = [
+            f"_l{layer}" + ("_reverse" if d == 1 else "")
+            for layer in range(self.num_layers)
+            for d in range(self.spec.num_directions)
+        ]
+        return [f"h0{s}" for s in suffixes] + [f"c0{s}" for s in suffixes]
 
     # torch's configuration attributes, read from (and written through) the validated spec.
     input_size = _spec_field("input_size")
@@ -127,12 +157,24 @@ class LSTM(nn.Module):
     dropout = _spec_field("dropout")
     bidirectional = _spec_field("bidirectional")
     proj_size = _spec_field("proj_size")
+    learn_initial_state = _spec_field("learn_initial_state")
+    forget_bias = _spec_field("forget_bias")
 
     def reset_parameters(self) -> None:
-        """torch's init: every parameter from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))."""
+        """torch's init: every weight and bias from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)),
+        in torch's order; then ``forget_bias`` and zero learned initial states, if any."""
         bound = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -bound, bound)
+        for name in self._flat_weights_names:
+            nn.init.uniform_(getattr(self, name), -bound, bound)
+        with torch.no_grad():
+            if self.spec.learn_initial_state:
+                for name in self._initial_state_names():
+                    getattr(self, name).zero_()
+            if self.spec.forget_bias is not None:
+                forget = slice(self.hidden_size, 2 * self.hidden_size)
+                for names in self._all_weights:
+                    getattr(self, names[2])[forget] = self.spec.forget_bias  # bias_ih
+                    getattr(self, names[3])[forget] = 0.0  # bias_hh
 
     def flatten_parameters(self) -> None:
         """Does nothing: lstmkit needs no flat weight buffer. Kept for code written for torch."""
@@ -163,12 +205,62 @@ class LSTM(nn.Module):
             get("weight_hr" + suffix),
         )
 
+    def initial_state(self) -> tuple[Tensor, Tensor] | None:
+        """The learned initial states as (num_layers*D, H_out) and (num_layers*D, H_cell), or
+        ``None`` without ``learn_initial_state`` (then states default to zeros)."""
+        if not self.spec.learn_initial_state:
+            return None
+        names = self._initial_state_names()
+        half = len(names) // 2
+        h = torch.stack([getattr(self, n) for n in names[:half]])
+        c = torch.stack([getattr(self, n) for n in names[half:]])
+        return h, c
+
     def forward(
         self,
         input: Tensor | PackedSequence,
         hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
     ) -> tuple[Tensor | PackedSequence, tuple[Tensor, Tensor]]:
-        return functional.lstm(input, hx, self.spec, self.layer_weights(), self.training)
+        """``output, (h_n, c_n)`` as ``torch.nn.LSTM`` returns them.
+
+        ``lengths`` (keyword-only) gives the valid steps of each sequence of a padded batch:
+        an (N,) integer tensor or list, any order, values in [0, L]. The result is what
+        packing, running and unpacking with zero padding would give (zeros at padded steps,
+        h_n and c_n from each sequence's own last step, the backward direction starting at
+        each sequence's end), without the packing; a length of 0 gives zeros and the initial
+        state.
+        """
+        result = self.forward_all(input, hx, lengths=lengths, sequences=False)
+        return result.output, (result.h_n, result.c_n)
+
+    def forward_all(
+        self,
+        input: Tensor | PackedSequence,
+        hx: tuple[Tensor, Tensor] | None = None,
+        *,
+        lengths: Tensor | list[int] | None = None,
+        sequences: bool = True,
+    ) -> functional.Result:
+        """Like :meth:`forward`, returning a named result that also holds, per layer, the h
+        and c of every step (``layer_outputs``, ``layer_cells``; each shaped like ``output``
+        with D*H_out and D*H_cell features, or PackedSequences for packed input). Layer k's h
+        is its output before the dropout between layers."""
+        return functional.lstm(
+            input,
+            hx,
+            self.spec,
+            self.layer_weights(),
+            self.training,
+            lengths=lengths,
+            initial_state=self.initial_state(),
+            sequences=sequences,
+        )
+
+    def stream(self) -> Stream:
+        """A stateful runner that feeds a long sequence chunk by chunk (see :class:`Stream`)."""
+        return Stream(self)
 
     def extra_repr(self) -> str:
         return self.spec.extra_repr()

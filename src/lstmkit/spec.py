@@ -12,7 +12,8 @@ class LSTMSpec:
     """An ``LSTM``'s constructor arguments, validated the way ``torch.nn.LSTM`` validates them.
 
     Invalid arguments raise the exception type torch raises for them, with a message that says
-    what was expected and what was received.
+    what was expected and what was received. The fields after ``proj_size`` are lstmkit's
+    extras; their defaults behave like ``torch.nn.LSTM``.
     """
 
     input_size: int
@@ -23,6 +24,8 @@ class LSTMSpec:
     dropout: float = 0.0
     bidirectional: bool = False
     proj_size: int = 0
+    learn_initial_state: bool = False
+    forget_bias: float | None = None
 
     def __post_init__(self) -> None:
         _check_size("input_size", self.input_size)
@@ -63,6 +66,20 @@ class LSTMSpec:
                 f"hidden_size={self.hidden_size}, got proj_size={self.proj_size}"
             )
 
+        if not isinstance(self.learn_initial_state, bool):
+            raise TypeError(
+                f"learn_initial_state should be True or False, got {self.learn_initial_state!r}"
+            )
+        if self.forget_bias is not None:
+            if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, numbers.Real):
+                raise TypeError(f"forget_bias should be a number or None, got {self.forget_bias!r}")
+            if not self.bias:
+                raise ValueError(
+                    f"forget_bias={self.forget_bias} sets the forget gate's bias, but bias=False "
+                    f"gives the LSTM no bias: use bias=True or drop forget_bias"
+                )
+            object.__setattr__(self, "forget_bias", float(self.forget_bias))
+
     @property
     def num_directions(self) -> int:
         return 2 if self.bidirectional else 1
@@ -90,6 +107,10 @@ class LSTMSpec:
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
+        if self.learn_initial_state:
+            s += ", learn_initial_state=True"
+        if self.forget_bias is not None:
+            s += f", forget_bias={self.forget_bias}"
         return s
 
     def __str__(self) -> str:
