@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 from lstmkit import backends
@@ -10,3 +14,38 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """Each test using this fixture runs once per backend, forced through LSTMKIT_BACKEND."""
     monkeypatch.setenv(backends.BACKEND_ENV, request.param)
     return request.param
+
+
+# Golden files: tests/golden/* and the docs' generated diagrams are compared, never rewritten,
+# unless pytest runs with --regen-golden (then review the diff before committing).
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--regen-golden",
+        action="store_true",
+        default=False,
+        help="rewrite golden files (tests/golden/, docs diagrams) from the current output",
+    )
+
+
+@pytest.fixture
+def golden(request: pytest.FixtureRequest) -> Callable[[Path, str], None]:
+    """``golden(path, text)``: assert ``text`` equals the file, or rewrite it on --regen-golden."""
+    regen = bool(request.config.getoption("--regen-golden"))
+
+    def compare(path: Path, text: str) -> None:
+        if regen:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text, encoding="utf-8")
+            return
+        assert path.exists(), f"{path} is missing; create it with: pytest --regen-golden"
+        expected = path.read_text(encoding="utf-8")
+        if text != expected:
+            diff = difflib.unified_diff(
+                expected.splitlines(), text.splitlines(), "golden", "now", lineterm=""
+            )
+            pytest.fail(
+                f"{path} differs from the output (regenerate with --regen-golden if intended):\n"
+                + "\n".join(list(diff)[:60])
+            )
+
+    return compare

@@ -55,11 +55,13 @@ def explain(
     if batch_first and not spec.batch_first:
         spec = dataclasses.replace(spec, batch_first=True)
     batch = _batch(spec, input, lengths, unbatched)
-    checker = live.Checker(live.run(spec, batch, seed) if check else None)
-    setting = shapes.Setting(spec, batch, checker)
-    table, shape_checks = shapes.shapes(setting)
-    parameters, parameter_checks = shapes.parameters(setting)
-    applying, others = pitfalls.pitfalls(setting)
+    with live.one_thread():
+        checker = live.Checker(live.run(spec, batch, seed) if check else None)
+        setting = shapes.Setting(spec, batch, checker)
+        table, shape_checks = shapes.shapes(setting)
+        described, notes = live.build(spec, device="meta")
+        parameters, parameter_checks = shapes.parameters(setting, described)
+        applying, others = pitfalls.pitfalls(setting)
     return Explanation(
         spec=spec,
         input=batch,
@@ -72,6 +74,7 @@ def explain(
         other_pitfalls=others,
         script=live.script(spec, batch, seed),
         seed=seed,
+        notes=notes,
     )
 
 
@@ -81,8 +84,9 @@ def _spec(config: str | LSTMSpec | nn.LSTM) -> LSTMSpec:
     if isinstance(config, str):
         return parse_config(config)
     if isinstance(config, nn.Module) and hasattr(config, "hidden_size"):
-        names = [f.name for f in dataclasses.fields(LSTMSpec)]
-        return LSTMSpec(**{name: getattr(config, name) for name in names})
+        # torch.nn.LSTM lacks lstmkit's extras: they keep their defaults.
+        fields = dataclasses.fields(LSTMSpec)
+        return LSTMSpec(**{f.name: getattr(config, f.name, f.default) for f in fields})
     raise TypeError(
         f"explain takes a configuration string such as {DEFAULT_CONFIG!r}, an LSTMSpec or an "
         f"LSTM module, got {type(config).__name__}"

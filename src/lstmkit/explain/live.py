@@ -9,8 +9,10 @@ function written beside it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,12 +103,32 @@ def script(spec: LSTMSpec, batch: Batch, seed: int) -> tuple[str, ...]:
     return tuple(f"{code:<{width}}  # {comment}" if comment else code for code, comment in lines)
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread: the live check's tensors are tiny, and waking a thread pool
+    for each small op costs more than the op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def build(spec: LSTMSpec, device: str | None = None) -> tuple[LSTM, tuple[str, ...]]:
+    """The module of ``spec``, and the warnings its constructor gave (reported as notes)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lstm = LSTM(**dataclasses.asdict(spec), device=device)
+    return lstm, tuple(str(warning.message) for warning in caught)
+
+
 def run(spec: LSTMSpec, batch: Batch, seed: int) -> Run:
     """Run :func:`script` (same steps, same random numbers) without touching the caller's
     random state."""
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
-        lstm = LSTM(**dataclasses.asdict(spec))
+        lstm, _ = build(spec)
         if spec.dropout > 0:
             lstm.eval()
         lengths = None if batch.lengths is None else torch.tensor(batch.lengths)

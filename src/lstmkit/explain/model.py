@@ -132,6 +132,7 @@ class Explanation:
     other_pitfalls: tuple[OtherPitfall, ...]
     script: tuple[str, ...]
     seed: int
+    notes: tuple[str, ...] = ()  # what the module's constructor warned about
 
     @property
     def checks(self) -> tuple[Check, ...]:

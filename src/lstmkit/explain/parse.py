@@ -7,10 +7,12 @@ evaluated, so any string is safe to pass.
 from __future__ import annotations
 
 import ast
+import dataclasses
 
 from lstmkit.spec import LSTMSpec
 
-# torch.nn.LSTM's arguments in positional order (device and dtype do not change any shape).
+# torch.nn.LSTM's arguments in positional order (device and dtype do not change any shape);
+# lstmkit's extras (the other fields of LSTMSpec) are keyword-only.
 ARGUMENTS = (
     "input_size",
     "hidden_size",
@@ -42,13 +44,14 @@ def parse_config(text: str) -> LSTMSpec:
         )
     for name, node in zip(ARGUMENTS, call.args):
         values[name] = _literal(node, name, text)
+    keywords = [field.name for field in dataclasses.fields(LSTMSpec)]
     for keyword in call.keywords:
         name = keyword.arg
-        if name is None or name not in ARGUMENTS:
+        if name is None or name not in keywords:
             shown = f"**{ast.unparse(keyword.value)}" if name is None else f"{name}="
             raise ValueError(
                 f"{text.strip()!r}: {shown} is not an LSTM argument that shapes depend on; "
-                f"known: {', '.join(ARGUMENTS)}"
+                f"known: {', '.join(keywords)}"
             )
         if name in values:
             raise ValueError(f"{text.strip()!r}: {name} is given twice")

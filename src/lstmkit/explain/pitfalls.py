@@ -291,16 +291,19 @@ def _six_layout(s: Setting) -> Explained:
             f"tell: x.shape[0] must be your number of steps ({steps}) and h_n.shape[1] your "
             f"batch size ({n}); for batch-first data build the LSTM with batch_first=True."
         )
-    code = (
-        f"assert x.shape[{time_dim}] == {steps} and h_n.shape[1] == {n}"
-        f"  # L = {steps} steps, N = {n} sequences"
-    )
+    code = f"steps, batch = x.shape[{time_dim}], h_n.shape[1]  # must be your L and N"
     swapped = (n, steps, width) if not s.spec.batch_first else (steps, n, width)
-    statement = f"lstm(x.transpose(0, 1))[0].shape == {swapped}"
-    check = s.check(
-        statement, lambda run: tuple(run.lstm(run.x.transpose(0, 1))[0].shape) == swapped
+    checks = (
+        s.check(
+            f"(x.shape[{time_dim}], h_n.shape[1]) == {(steps, n)}",
+            lambda run: (run.x.shape[time_dim], run.h_n.shape[1]) == (steps, n),
+        ),
+        s.check(
+            f"lstm(x.transpose(0, 1))[0].shape == {swapped}",
+            lambda run: tuple(run.lstm(run.x.transpose(0, 1))[0].shape) == swapped,
+        ),
     )
-    return text, code, (check,)
+    return text, code, checks
 
 
 def _seven_packing(s: Setting) -> Explained:
@@ -414,7 +417,12 @@ def _nine_gates(s: Setting) -> Explained:
         ]
     )
 
+    done: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+
     def by_hand(run: Run) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """h_1 and the module's h after step 0, then c_1 and the module's c (computed once)."""
+        if id(run) in done:
+            return done[id(run)]
         lstm = run.lstm
         z = run.x[step] @ lstm.weight_ih_l0.T + run.h0[0] @ lstm.weight_hh_l0.T
         if spec.bias:
@@ -425,7 +433,8 @@ def _nine_gates(s: Setting) -> Explained:
         if spec.proj_size:
             h_1 = h_1 @ lstm.weight_hr_l0.T
         _, (h_step0, c_step0) = lstm(run.x[first], (run.h0, run.c0))
-        return h_1, h_step0[0], c_1, c_step0[0]
+        done[id(run)] = (h_1, h_step0[0], c_1, c_step0[0])
+        return done[id(run)]
 
     checks = (
         s.check(

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from lstmkit.explain.live import Checker, Run, equal, state_shape
 from lstmkit.explain.model import Batch, Check, Dim, Parameter, Shape, StateRow
@@ -166,8 +167,9 @@ def _batch_sizes(lengths: tuple[int, ...]) -> list[int]:
 GATES = ("i", "f", "g", "o")
 
 
-def parameters(s: Setting) -> tuple[tuple[Parameter, ...], tuple[Check, ...]]:
-    """torch's parameters, in torch's order, with each dimension named; and their checks."""
+def parameters(s: Setting, module: nn.Module) -> tuple[tuple[Parameter, ...], tuple[Check, ...]]:
+    """torch's parameters, in torch's order, with each dimension named, then any that
+    lstmkit's extras add (read from ``module``, e.g. on the meta device); and their checks."""
     spec = s.spec
     gates = 4 * spec.hidden_size
     found: list[Parameter] = []
@@ -190,6 +192,10 @@ def parameters(s: Setting) -> tuple[tuple[Parameter, ...], tuple[Check, ...]]:
                 found.append(
                     Parameter("weight_hr" + suffix, "(H_out, H_cell)", (s.h, spec.hidden_size))
                 )
+    known = {p.name for p in found}
+    for name, value in module.named_parameters():
+        if name not in known:
+            found.append(Parameter(name, "lstmkit extra", tuple(value.shape)))
     table = tuple(found)
     expected = [(p.name, p.shape) for p in table]
     total = sum(p.count for p in table)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import textwrap
 
-from lstmkit.explain.model import CHECKED, Check, Explanation
+from lstmkit.explain.model import CHECKED, NOT_RUN, Check, Explanation
 from lstmkit.explain.shapes import gate_rows
 
 WIDTH = 100
@@ -57,17 +57,20 @@ def _header(e: Explanation) -> list[str]:
         lines.append(f"  lengths = {list(batch.lengths)}: run packed (pack_padded_sequence)")
     if not batch.given:
         lines.append("  (an example input: describe yours with --input, --lengths, --unbatched)")
+    for note in e.notes:
+        lines += _wrap(f"note: {note}", "  ")
     return lines
 
 
 def _script(e: Explanation) -> list[str]:
-    lines = [
-        "",
-        "Live check: lstmkit ran this code, then each pitfall's code; every statement marked",
-        "[checked] below held on the result (paste it and try any statement):",
-    ]
-    lines += ["    " + line for line in e.script]
-    return lines
+    if any(c.status != NOT_RUN for c in e.checks):
+        heading = [
+            "Live check: lstmkit ran this code, then each pitfall's code; every statement marked",
+            "[checked] below held on the result (paste it and try any statement):",
+        ]
+    else:
+        heading = ["The statements below are Python over this code (the live check did not run):"]
+    return ["", *heading] + ["    " + line for line in e.script]
 
 
 def _shapes(e: Explanation) -> list[str]:
@@ -210,6 +213,7 @@ def to_dict(e: Explanation) -> dict[str, object]:
         "other_pitfalls": [
             {"number": o.number, "title": o.title, "shown_by": o.shown_by} for o in e.other_pitfalls
         ],
+        "notes": list(e.notes),
         "live_check": {
             "seed": e.seed,
             "script": list(e.script),
