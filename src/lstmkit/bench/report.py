@@ -203,7 +203,7 @@ def table_header(name_width: int = 16) -> str:
     """The printed table's header; ``name_width`` fits the longest config name."""
     return (
         f"{'config':<{name_width}} {'mode':<9} {'check':<6} {'torch ms p50 [p20, p80]':>26} "
-        f"{'lstmkit ms p50 [p20, p80]':>26} {'ratio':>7} {'target':>8} "
+        f"{'lstmkit ms p50 [p20, p80]':>26} {'ratio':>7} {'target':>10} "
         f"{'torch GF/s':>10} {'lstmkit GF/s':>12} {'peak':>5}"
     )
 
@@ -219,7 +219,7 @@ def table_line(env: Environment, row: Row, name_width: int = 16) -> str:
     lstmkit_gflops = row.gflops(row.lstmkit) or math.nan
     return (
         f"{start} {'ok':<6} {_times(row.torch):>26} {_times(row.lstmkit):>26} "
-        f"{ratio:>6.2f}x {target:>8} {torch_gflops:>10.1f} {lstmkit_gflops:>12.1f} "
+        f"{ratio:>6.2f}x {target:>10} {torch_gflops:>10.1f} {lstmkit_gflops:>12.1f} "
         f"{lstmkit_gflops / env.sgemm_gflops:>5.0%}"
     )
 
@@ -231,8 +231,9 @@ def _times(timing: Timing | None) -> str:
 
 
 def _ms(seconds: float) -> str:
-    """Milliseconds with three significant digits."""
-    return f"{seconds * 1e3:.3g}"
+    """Milliseconds to three significant digits, or whole ones from 100 up."""
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def geomean(values: list[float]) -> float:

@@ -14,7 +14,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,7 +63,9 @@ class Settings:
 
 
 QUICK = Settings(
-    budget=Budget(seconds=0.3, min_repeats=3, max_repeats=10, min_sample_s=0.002, warmup_s=0.0),
+    budget=Budget(
+        0.5, min_repeats=1, max_repeats=10, min_sample_s=0.002, warmup_s=0.0, warmup_calls=1
+    ),
     peak_size=2048,
     peak_repeats=3,
 )
@@ -161,7 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--repeats", type=int, help="samples per candidate (default: adapted to a time budget)"
     )
     parser.add_argument(
-        "--budget", type=float, help="seconds of timing per config and mode (default 8; quick 0.3)"
+        "--budget", type=float, help="seconds of timing per config and mode (default 8; quick 0.5)"
     )
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
@@ -195,13 +197,11 @@ def settings_from(args: argparse.Namespace) -> Settings:
     base = QUICK if args.quick else Settings()
     budget = base.budget
     if args.budget is not None:
-        budget = Budget(args.budget, budget.min_repeats, budget.max_repeats, None,
-                        budget.min_sample_s, budget.warmup_s)  # fmt: skip
+        budget = replace(budget, seconds=args.budget, repeats=None)
     if args.repeats is not None:
         if args.repeats < 1:
             raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
-        budget = Budget(budget.seconds, budget.min_repeats, budget.max_repeats, args.repeats,
-                        budget.min_sample_s, budget.warmup_s)  # fmt: skip
+        budget = replace(budget, repeats=args.repeats)
     modes = MODES if args.mode == "both" else (args.mode,)
     peak_size = args.peak_size if args.peak_size is not None else base.peak_size
     return Settings(modes, budget, peak_size, base.peak_repeats)

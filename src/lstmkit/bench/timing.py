@@ -27,8 +27,9 @@ class Budget:
         max_repeats: at most this many.
         repeats: a fixed sample count that overrides the three above; ``None`` to adapt.
         min_sample_s: calls are batched so that one sample lasts at least this long.
-        warmup_s: untimed calls per candidate before timing, for at least this long (and at
-            least one call); they also give the per-call estimate the repeat count comes from.
+        warmup_s: untimed calls per candidate before timing, for at least this long ...
+        warmup_calls: ... and at least this many calls (at least one). The fastest warm-up
+            call is the per-call estimate the repeat count comes from.
     """
 
     seconds: float
@@ -36,7 +37,8 @@ class Budget:
     max_repeats: int
     repeats: int | None = None
     min_sample_s: float = 0.01
-    warmup_s: float = 0.1
+    warmup_s: float = 0.5
+    warmup_calls: int = 2
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,9 @@ def time_interleaved(
     candidates: dict[str, Callable[[], object]], budget: Budget
 ) -> dict[str, Timing]:
     """Time every candidate under ``budget``, interleaved; returns a Timing per name."""
-    estimates = {name: _warm_up(fn, budget.warmup_s) for name, fn in candidates.items()}
+    estimates = {
+        name: _warm_up(fn, budget.warmup_s, budget.warmup_calls) for name, fn in candidates.items()
+    }
     calls = {
         name: max(1, math.ceil(budget.min_sample_s / estimate))
         for name, estimate in estimates.items()
@@ -105,16 +109,19 @@ def time_interleaved(
     return {name: Timing(tuple(samples[name]), calls[name]) for name in candidates}
 
 
-def _warm_up(fn: Callable[[], object], seconds: float) -> float:
-    """Call ``fn`` for about ``seconds`` (at least once); the fastest call's duration."""
+def _warm_up(fn: Callable[[], object], seconds: float, calls: int) -> float:
+    """Call ``fn`` for ``seconds`` and at least ``calls`` times (at least once); the fastest
+    call's duration."""
     fastest = math.inf
     deadline = time.perf_counter() + seconds
+    done = 0
     while True:
         start = time.perf_counter()
         fn()
         end = time.perf_counter()
+        done += 1
         fastest = min(fastest, end - start)
-        if end >= deadline:
+        if end >= deadline and done >= calls:
             return max(fastest, 1e-9)
 
 
@@ -132,6 +139,6 @@ def sgemm_peak(size: int, repeats: int) -> float:
     a = torch.randn(size, size, generator=generator)
     b = torch.randn(size, size, generator=generator)
     out = torch.empty(size, size)
-    budget = Budget(seconds=0.0, min_repeats=repeats, max_repeats=repeats, repeats=repeats)
+    budget = Budget(0.0, repeats, repeats, repeats, warmup_s=0.0, warmup_calls=1)
     timing = time_interleaved({"sgemm": lambda: torch.mm(a, b, out=out)}, budget)["sgemm"]
     return 2 * size**3 / timing.p50 / 1e9
