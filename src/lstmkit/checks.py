@@ -113,9 +113,16 @@ def check_states(
     if h0.dim() != rank or c0.dim() != rank:
         kind = "batched 3-D" if batched else "unbatched 2-D"
         layout = "(num_layers*D, N, H)" if batched else "(num_layers*D, H)"
+        if batched:
+            fix = "; give them the batch dimension N, e.g. h0.unsqueeze(1).expand(-1, N, -1)"
+        else:
+            fix = (
+                "; 2-D input (L, H_in) is one sequence (batch_first does not apply to it), so "
+                "its states have no N dimension, e.g. h0[:, 0]"
+            )
         raise RuntimeError(
             f"for {kind} input, h0 and c0 must be {rank}-D {layout}, got {h0.dim()}-D and "
-            f"{c0.dim()}-D tensors of shapes {_shape(h0)} and {_shape(c0)}" + hint(spec)
+            f"{c0.dim()}-D tensors of shapes {_shape(h0)} and {_shape(c0)}" + fix + hint(spec)
         )
     rows = spec.num_layers * spec.num_directions
     for name, state, size, size_name in (
@@ -130,7 +137,7 @@ def check_states(
                 f"{spec.num_directions} = {rows}"
                 + (f", for each of the N = {batch} sequences" if batched else "")
                 + f", each of {size_name} = {size}"
-                + (" (batch_first does not apply to states)" if spec.batch_first else "")
+                + _state_hint(name, _shape(state), expected, spec)
                 + hint(spec)
             )
         if state.dtype != x.dtype:
@@ -143,6 +150,29 @@ def check_states(
                 f"{name} is on {state.device} but the input is on {x.device}" + hint(spec)
             )
     return h0, c0
+
+
+def _state_hint(
+    name: str, shape: tuple[int, ...], expected: tuple[int, ...], spec: LSTMSpec
+) -> str:
+    """What a wrong state shape most likely means, and the fix."""
+    if len(expected) == 3 and shape == (expected[1], expected[0], expected[2]):
+        return (
+            f"; it looks batch-first (N, num_layers*D, H), but batch_first does not apply to "
+            f"states, which are (num_layers*D, N, H): pass {name}.transpose(0, 1)"
+        )
+    if spec.proj_size and shape[:-1] == expected[:-1]:
+        if name == "c0" and shape[-1] == spec.proj_size:
+            return (
+                f"; only h is projected: c0 keeps hidden_size = {spec.hidden_size} features "
+                f"while h0 has proj_size = {spec.proj_size}"
+            )
+        if name == "h0" and shape[-1] == spec.hidden_size:
+            return (
+                f"; h is projected: h0 has proj_size = {spec.proj_size} features, only c0 has "
+                f"hidden_size = {spec.hidden_size}"
+            )
+    return " (batch_first does not apply to states)" if spec.batch_first else ""
 
 
 def check_lengths(lengths: object, batched: bool, steps: int, batch: int, spec: LSTMSpec) -> Tensor:
