@@ -165,6 +165,11 @@ def test_bad_shape_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert "L,N,H_in,H" in capsys.readouterr().err
 
 
+def test_unknown_config_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert runner.main(["--config", "no-such-config"]) == 2
+    assert "known: tutorial-1" in capsys.readouterr().err
+
+
 def test_forward_flops() -> None:
     assert BenchConfig("a", 7, 64, 300, 100).forward_flops() == 2 * 4 * 100 * 400 * 7 * 64
     proj = BenchConfig("p", 10, 2, 8, 16, num_layers=2, bidirectional=True, proj_size=4)

@@ -190,13 +190,30 @@ def csv_record(env: Environment, row: Row) -> dict[str, object]:
     return {column: record.get(column, "") for column in CSV_COLUMNS}
 
 
-def write_csv(path: Path, env: Environment, rows: list[Row]) -> None:
-    """All rows, with the header ``CSV_COLUMNS``; creates the folder if needed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(csv_record(env, row) for row in rows)
+class CsvFile:
+    """A CSV of rows written as they come, so that an interrupted run keeps its finished rows.
+
+    Use as a context manager; creates the folder if needed and writes the header
+    ``CSV_COLUMNS`` first.
+    """
+
+    def __init__(self, path: Path, env: Environment) -> None:
+        self.path = path
+        self.env = env
+
+    def __enter__(self) -> CsvFile:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("w", newline="", encoding="utf-8")
+        self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._writer.writeheader()
+        return self
+
+    def write(self, row: Row) -> None:
+        self._writer.writerow(csv_record(self.env, row))
+        self._file.flush()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._file.close()
 
 
 def table_header(name_width: int = 16) -> str:

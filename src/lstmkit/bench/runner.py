@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -38,6 +38,8 @@ from lstmkit.bench.configs import (
 from lstmkit.bench.timing import Budget, sgemm_peak, time_interleaved
 
 MODES = ("inference", "training")
+
+T = TypeVar("T")
 
 # Builds the module to time from the configuration and the oracle whose state_dict it must hold.
 MakeCandidate = Callable[[BenchConfig, nn.LSTM], nn.Module]
@@ -101,17 +103,27 @@ def bench_config(
     oracle = nn.LSTM(**config.lstm_kwargs())
     candidate = make_candidate(config, oracle)
     batch = make_input(config)
-    before = backends.last_choice()
-    failure = check(mode, oracle, candidate, batch)
-    choice = backends.last_choice()
-    # The choice is a new object per lstmkit call: an unchanged one means lstmkit never ran.
-    backend = "" if choice is None or choice is before else choice.backend
+    failure, backend = _backend_used(lambda: check(mode, oracle, candidate, batch))
     if failure is not None:
         return report.Row(config, mode, backend, failure)
-    timings = time_interleaved(
-        {"torch": step(oracle, batch, mode), "lstmkit": step(candidate, batch, mode)}, budget
+    timings, timed_backend = _backend_used(
+        lambda: time_interleaved(
+            {"torch": step(oracle, batch, mode), "lstmkit": step(candidate, batch, mode)}, budget
+        )
     )
+    if timed_backend != backend:
+        # The timed calls took another path than the checked ones: say so rather than hide it.
+        backend = f"{timed_backend} (checked: {backend})"
     return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"])
+
+
+def _backend_used(work: Callable[[], T]) -> tuple[T, str]:
+    """``work()`` and the lstmkit backend its last lstmkit call used (``""`` if none ran)."""
+    before = backends.last_choice()
+    result = work()
+    choice = backends.last_choice()
+    # Each lstmkit call records a new Choice object: the same object means no lstmkit call ran.
+    return result, "" if choice is None or choice is before else choice.backend
 
 
 def run_benchmark(
@@ -120,8 +132,10 @@ def run_benchmark(
     settings: Settings,
     make_candidate: MakeCandidate = make_lstmkit,
     out: Callable[[str], None] = print,
+    on_row: Callable[[report.Row], None] | None = None,
 ) -> list[report.Row]:
-    """Every configuration in every mode of ``settings``; prints the table as rows finish."""
+    """Every configuration in every mode of ``settings``; prints the table as rows finish and
+    hands each row to ``on_row``."""
     width = max([16, *(len(c.name) for c in configs)])
     out(report.table_header(width))
     rows = []
@@ -132,6 +146,8 @@ def run_benchmark(
             for mode in settings.modes:
                 row = bench_config(config, mode, settings.budget, make_candidate)
                 out(report.table_line(env, row, width))
+                if on_row is not None:
+                    on_row(row)
                 rows.append(row)
     return rows
 
@@ -160,12 +176,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--mode", choices=(*MODES, "both"), default="both", help="default both")
     parser.add_argument(
-        "--repeats", type=int, help="samples per candidate (default: adapted to a time budget)"
+        "--repeats",
+        type=_positive_int,
+        help="samples per candidate (default: adapted to a time budget)",
     )
     parser.add_argument(
-        "--budget", type=float, help="seconds of timing per config and mode (default 8; quick 0.5)"
+        "--budget",
+        type=_seconds,
+        help="seconds of timing per config and mode (default 8; quick 0.5)",
     )
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=_positive_int, help="torch.set_num_threads (default: torch's)"
+    )
     parser.add_argument(
         "--backend",
         choices=backends.PREFERENCE,
@@ -177,12 +199,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="where to write the CSV (default benchmarks/results/<date>-<sha>.csv)",
     )
     parser.add_argument(
-        "--peak-size", type=int, help="sgemm size n for n^3 (default 4096; quick 2048)"
+        "--peak-size", type=_positive_int, help="sgemm size n for n^3 (default 4096; quick 2048)"
     )
     parser.add_argument(
         "--quick", action="store_true", help="a smoke run: few repeats, short budget, small sgemm"
     )
     parser.add_argument("--list", action="store_true", help="list the grid's configs and exit")
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _seconds(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+    return seconds
 
 
 def _shape_argument(text: str) -> BenchConfig:
@@ -199,8 +237,6 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if args.budget is not None:
         budget = replace(budget, seconds=args.budget, repeats=None)
     if args.repeats is not None:
-        if args.repeats < 1:
-            raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
         budget = replace(budget, repeats=args.repeats)
     modes = MODES if args.mode == "both" else (args.mode,)
     peak_size = args.peak_size if args.peak_size is not None else base.peak_size
@@ -209,7 +245,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 def default_csv(env: report.Environment) -> Path:
     """benchmarks/results/<date>-<sha>.csv in the checkout (else in the current folder)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.strptime(env.date, "%Y-%m-%d %H:%M:%S"))
+    stamp = env.date.replace("-", "").replace(":", "").replace(" ", "-")
     name = f"{stamp}-{env.git_sha or 'nogit'}.csv"
     return (repo_root() or Path.cwd()) / "benchmarks" / "results" / name
 
@@ -217,13 +253,17 @@ def default_csv(env: report.Environment) -> Path:
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark the arguments describe; 1 if any check failed, else 0."""
     grid_path = args.grid if args.grid is not None else default_grid()
-    grid = load_grid(grid_path)
+    try:
+        grid = load_grid(grid_path)
+        configs = select(grid, args.config) if args.config or args.shape else list(grid)
+    except (OSError, ValueError) as error:  # a usage error: say it in one line, no traceback
+        print(f"lstmkit bench: error: {error}", file=sys.stderr)
+        return 2
     if args.list:
         for config in grid:
             gflop = config.forward_flops() / 1e9
-            print(f"{config.name:<16} {config.group:<11} {gflop:>8.3f} GFLOP  {config.describe()}")
+            print(f"{config.name:<16} {config.group:<11} {gflop:>9.4g} GFLOP  {config.describe()}")
         return 0
-    configs = select(grid, args.config) if args.config or args.shape else list(grid)
     configs += args.shape
     settings = settings_from(args)
     if args.threads is not None:
@@ -238,13 +278,14 @@ def run(args: argparse.Namespace) -> int:
     forced = backends.forced_name()
     print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
     print(report.FLOP_CONVENTION)
-    print()
-    rows = run_benchmark(configs, env, settings, out=lambda line: print(line, flush=True))
+    csv_path = args.csv if args.csv is not None else default_csv(env)
+    print(f"writing {csv_path}\n", flush=True)
+    with report.CsvFile(csv_path, env) as csv_file:
+        rows = run_benchmark(
+            configs, env, settings, out=lambda line: print(line, flush=True), on_row=csv_file.write
+        )
     print()
     print("\n".join(report.summary_lines(env, rows)))
-    csv_path = args.csv if args.csv is not None else default_csv(env)
-    report.write_csv(csv_path, env, rows)
-    print(f"\nwrote {csv_path}")
     failed = [f"{r.config.name} {r.mode}" for r in rows if r.failure is not None]
     if failed:
         print(f"checks FAILED, not timed: {', '.join(failed)}", file=sys.stderr)
