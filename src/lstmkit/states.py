@@ -140,8 +140,9 @@ def final_hidden(
 
     Padding and the backward direction: the backward half at step 0 summarises the sequence
     only if the backward direction started at the sequence's own last valid step, which is
-    what a packed input (``pack_padded_sequence``) gives. Run bidirectional LSTMs on packed
-    input, then pass the packed output (or its padded form with the lengths).
+    what a packed input (``pack_padded_sequence``) gives, and ``lstmkit.LSTM``'s
+    ``lengths=``. Run bidirectional LSTMs that way, then pass the output (or, for packed output,
+    its padded form with the lengths).
 
     Args:
         output: the LSTM's output: (L, N, D*H_out), (N, L, D*H_out) with ``batch_first``,

@@ -140,9 +140,15 @@ def _two_padded(s: Setting) -> Explained:
     text = (
         f"Without packing, the LSTM runs every sequence for all L = {steps} steps: {where} "
         f"Pack the batch so each sequence stops at its own length, and take each sequence's "
-        f"last valid step with lstmkit.states.final_hidden (or from h_n):"
+        f"last valid step with lstmkit.states.final_hidden (or from h_n). lstmkit can also "
+        f"skip the packing: lstm(x, (h0, c0), lengths=lengths) gives the same results."
     )
-    code = f"final = {_final_hidden_code(s, on_padded=False)}  # {_final_shape(s)}"
+    code = "\n".join(
+        [
+            f"final = {_final_hidden_code(s, on_padded=False)}  # {_final_shape(s)}",
+            "same = lstm(x, (h0, c0), lengths=lengths)  # lstmkit only: no packing needed",
+        ]
+    )
     checks = []
     if short is not None:
         # The same batch, not packed: its last step is not sequence `short`'s final state.
@@ -164,6 +170,14 @@ def _two_padded(s: Setting) -> Explained:
         s.check(
             f"final == {_final_hidden_code(s, on_padded=True)}",
             lambda run: equal(_final(s, run), _final_hidden(s, run, on_padded=True)),
+        )
+    )
+    checks.append(
+        s.check(
+            "torch.allclose(same[1][0], h_n, atol=1e-6)",
+            lambda run: torch.allclose(
+                run.lstm(run.x, (run.h0, run.c0), lengths=run.lengths)[1][0], run.h_n, atol=1e-6
+            ),
         )
     )
     return text, code, tuple(checks)

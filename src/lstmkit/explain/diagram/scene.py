@@ -393,7 +393,7 @@ def _legend(items: list[Box | Line | Label], e: Explanation, y: float) -> tuple[
             f"the cell whose h and c become h_n[k] and c_n[k] (forward: {forward_end}; "
             f"backward: t = 0)",
         ),
-        ("same", f"in the top layer, both: {shown}"),
+        ("same", f"a top-layer row's end is in both output and h_n: {shown}"),
     ]
     if e.spec.num_layers == 1:
         entries.pop(1)
