@@ -137,13 +137,6 @@ def test_png_decodes_with_the_expected_cells(name: str) -> None:
     assert found == counts(e)["cells"]
 
 
-def test_png_scale_multiplies_the_size() -> None:
-    e = explain(check=False)
-    small = Image.open(io.BytesIO(diagram.png(e, scale=1.0)))
-    large = Image.open(io.BytesIO(diagram.png(e, scale=2.0)))
-    assert large.size == (2 * small.width, 2 * small.height)
-
-
 def test_png_without_pillow_says_how_to_get_it(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "PIL", None)
     e = explain(check=False)
@@ -166,7 +159,8 @@ def test_cli_writes_the_diagram(tmp_path: Path) -> None:
     assert err == f"diagram written to {svg}\n"
     assert svg.read_text(encoding="utf-8") == diagram.svg(explain(check=False))
     assert run_cli(["--no-check", "--diagram", str(png)])[0] == 0
-    with Image.open(png) as written:
-        assert written.size == Image.open(io.BytesIO(diagram.png(explain()))).size
+    drawn = scene.build(explain(check=False))
+    with Image.open(png) as written:  # the default scale: 2 pixels per SVG unit
+        assert written.size == (round(2 * drawn.width), round(2 * drawn.height))
     code, _, err = run_cli(["--diagram", str(tmp_path / "net.gif")])
     assert code == 2 and "written as .svg or .png" in err

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lstmkit.explain.diagram.png import to_png
+from lstmkit.explain.diagram.render_png import to_png
+from lstmkit.explain.diagram.render_svg import to_svg
 from lstmkit.explain.diagram.scene import Scene, build
-from lstmkit.explain.diagram.svg import to_svg
 from lstmkit.explain.model import Explanation
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import io
 import itertools
 
+from lstmkit.explain.diagram.render_svg import arrowhead
 from lstmkit.explain.diagram.scene import Box, Label, Line, Scene
-from lstmkit.explain.diagram.svg import arrowhead
 
 MISSING = (
     "PNG diagrams need Pillow: pip install 'lstmkit[diagram]' (or pip install pillow); "
@@ -45,7 +45,7 @@ def to_png(scene: Scene, scale: float = 2.0) -> bytes:
             _label(draw, item, k, font(item.size))
     image = image.reduce(SUPERSAMPLE)
     out = io.BytesIO()
-    image.save(out, format="PNG", optimize=True)
+    image.save(out, format="PNG")
     return out.getvalue()
 
 
