@@ -26,7 +26,7 @@ from lstmkit.reference import LayerWeights
 BACKEND_ENV = "LSTMKIT_BACKEND"
 
 # Backends in order of preference; each module defines ``BACKEND``. Imported on first use.
-PREFERENCE: tuple[str, ...] = ("reference",)
+PREFERENCE: tuple[str, ...] = ("cpu", "reference")
 _MODULES = {name: f"lstmkit.backends.{name}" for name in PREFERENCE}
 
 

@@ -1,0 +1,81 @@
+"""The cpu backend: fused C kernels for one layer, forward and backward, on CPU tensors.
+
+A small C library (``lstm.h``, ``lstm.c``, ``kernel.c``: the design is in kernel.c's header)
+with a plain C ABI, compiled with the machine's compiler on first use or by ``lstmkit warmup``
+and cached (:mod:`.build`), called through ctypes (:mod:`.library`), differentiated by an
+autograd Function whose backward is the C backward pass (:mod:`.function`). float32 and
+float64; everything the reference covers: proj_size, bias=False, both directions, lengths,
+cell_sequence, training and inference.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lstmkit.backends import Backend, Request
+from lstmkit.backends.cpu import build, library
+from lstmkit.backends.cpu.function import LayerFunction, contiguous_params, run
+from lstmkit.reference import LayerWeights
+
+DTYPES = (torch.float32, torch.float64)
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    @property
+    def description(self) -> str:
+        loaded = library.load() if library.failure() is None else None
+        gemm = loaded.blas if loaded is not None else "not loaded"
+        return (
+            "fused C kernels (OpenMP, vectorised gates) built with the machine's C compiler; "
+            f"float32 and float64 on CPU; GEMM: {gemm}"
+        )
+
+    def unavailable_reason(self, request: Request) -> str | None:
+        if request.device_type != "cpu":
+            return f"runs on CPU tensors only, not {request.device_type}"
+        if request.dtype not in DTYPES:
+            return f"supports float32 and float64 only, not {str(request.dtype).split('.')[-1]}"
+        return library.failure()
+
+    def warmup(self) -> str:
+        try:
+            loaded = library.load()
+        except build.BuildError as error:
+            return f"cannot build the kernels: {error}"
+        if loaded.compiled_seconds is None:
+            done = "kernels found in the cache"
+        else:
+            done = f"kernels compiled in {loaded.compiled_seconds:.1f} s"
+        return f"{done}: {loaded.path}; GEMM: {loaded.blas}"
+
+    def run_layer(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weights: list[LayerWeights],
+        lengths: Tensor | None,
+        cell_sequence: bool = False,
+    ) -> tuple[Tensor, ...]:
+        kernels = library.load().kernels[x.dtype]
+        params = contiguous_params(weights)
+        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+        if lengths is not None:
+            lengths = lengths.contiguous()
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or h0.requires_grad
+            or c0.requires_grad
+            or any(p is not None and p.requires_grad for p in params)
+        ):
+            return LayerFunction.apply(kernels, lengths, cell_sequence, x, h0, c0, *params)
+        _, out, h_n, c_n, cells, _ = run(
+            kernels, x, h0, c0, params, lengths, cell_sequence, training=False
+        )
+        return (out, h_n, c_n, cells) if cell_sequence else (out, h_n, c_n)
+
+
+BACKEND = CpuBackend()

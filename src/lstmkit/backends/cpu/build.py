@@ -1,0 +1,123 @@
+"""Compiling the cpu backend's C library with the machine's compiler, once per machine.
+
+The library is built on first use (or by ``lstmkit warmup``) into a cache directory, under a
+name that hashes everything that shapes the binary: the sources, the flags, the compiler and
+the CPU (the flags include ``-march=native``). A later process finds it there and only loads it.
+Concurrent builds are safe: each writes a private temporary file and renames it into place.
+
+Cache directory: ``$LSTMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lstmkit``, else
+``~/.cache/lstmkit``. Compiler: ``$CC``, else ``gcc``, else ``cc``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE_DIR = Path(__file__).resolve().parent
+HEADERS = ("lstm.h",)
+# (source, extra flags, object name): kernel.c is compiled once per element type.
+UNITS = (
+    ("lstm.c", (), "lstm.o"),
+    ("kernel.c", ("-DLK_DOUBLE=0",), "kernel_f32.o"),
+    ("kernel.c", ("-DLK_DOUBLE=1",), "kernel_f64.o"),
+)
+FLAGS = (
+    "-O3",
+    "-march=native",
+    "-std=gnu11",
+    "-fPIC",
+    "-fopenmp",
+    "-fno-math-errno",
+    "-fno-trapping-math",
+)
+LINK_FLAGS = ("-shared", "-fopenmp")
+LIBRARIES = ("-lm",)
+
+
+class BuildError(RuntimeError):
+    """The library could not be built; the message says why, for ``lstmkit backends``."""
+
+
+def cache_dir() -> Path:
+    explicit = os.environ.get("LSTMKIT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lstmkit"
+
+
+def find_compiler() -> str | None:
+    """Absolute path of the C compiler to use, or ``None`` if there is none."""
+    for name in (os.environ.get("CC"), "gcc", "cc"):
+        if name:
+            path = shutil.which(name)
+            if path:
+                return path
+    return None
+
+
+def _cpu_identity() -> str:
+    """What ``-march=native`` depends on: the CPU model and its feature flags."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            lines = [
+                line
+                for line in info.read().splitlines()
+                if line.startswith(("model name", "flags"))
+            ]
+        return "\n".join(lines[:2])
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+
+
+def library_path(compiler: str) -> Path:
+    """Where the library built by ``compiler`` for this machine lives in the cache."""
+    digest = hashlib.sha256()
+    for name in sorted({unit[0] for unit in UNITS} | set(HEADERS)):
+        digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
+    real = os.path.realpath(compiler)
+    stat = os.stat(real)
+    for part in (
+        repr((UNITS, FLAGS, LINK_FLAGS, LIBRARIES)),
+        f"{real} {stat.st_size} {stat.st_mtime_ns}",
+        _cpu_identity(),
+        platform.platform(),
+    ):
+        digest.update(part.encode() + b"\0")
+    return cache_dir() / f"lstmkit_cpu_{digest.hexdigest()[:20]}.so"
+
+
+def build(compiler: str, target: Path) -> None:
+    """Compile the sources with ``compiler`` into the shared library ``target``."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        jobs = []
+        for source, extra, obj in UNITS:
+            command = [compiler, *FLAGS, *extra, "-c", str(SOURCE_DIR / source), "-o", obj]
+            jobs.append((command, _start(command, tmp)))
+        for command, job in jobs:
+            _finish(command, job)
+        partial = Path(tmp) / target.name
+        command = [compiler, *LINK_FLAGS, "-o", str(partial), *(u[2] for u in UNITS), *LIBRARIES]
+        _finish(command, _start(command, tmp))
+        os.replace(partial, target)
+
+
+def _start(command: list[str], cwd: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def _finish(command: list[str], job: subprocess.Popen[str]) -> None:
+    output, _ = job.communicate()
+    if job.returncode != 0:
+        raise BuildError(
+            f"compiling the cpu kernels failed ({' '.join(command)}):\n{output.strip()}"
+        )

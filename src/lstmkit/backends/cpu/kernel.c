@@ -1,0 +1,897 @@
+/* lstmkit's CPU kernels: one LSTM layer (both directions), forward and backward.
+ *
+ * Legend: T steps, B batch, I input features, H cell units, P size of h (proj_size or H),
+ * G = 4H gates, D directions. V = lanes per vector (8 float / 4 double), Hp = H rounded up to V,
+ * Gp = 4 Hp. Plain C ABI (no torch headers), called through ctypes by lstmkit.backends.cpu.
+ *
+ * Gate layout. Inside the kernels the gate columns are permuted into blocks of V units: block j
+ * holds [i, f, g, o] of units jV..jV+V-1, each gate one vector. So one block is everything the
+ * update of V units needs, a thread owning a range of blocks owns a contiguous range of gate
+ * columns, and every recurrent weight matrix is packed into panels of 4V columns (a panel row is
+ * four vectors, panel rows follow each other in memory). Padded units have zero weights and are
+ * never written to a user-visible tensor. Weight gradients come out in this order and are
+ * permuted back to torch's (i, f, g, o) rows at the end.
+ *
+ * Forward, per direction: the input projection x W_ih^T for all steps is one GEMM (BLAS) before
+ * the loop, into G (T, B, Gp); the bias b_ih + b_hh is added when a tile is loaded. Each step
+ * multiplies h_{t-1} by the packed W_hh panels, tile by tile (rows x one block), and applies the
+ * gate update to the accumulators while they are still in registers. With proj_size a second
+ * product h = m W_hr^T follows, split by columns of P.
+ *
+ * Threads: one OpenMP parallel region for the whole sequence. A bidirectional layer gives each
+ * direction its own team (one thread each on two cores: no synchronisation at all); within a
+ * team each thread owns a range of unit blocks (and of P panels), whose weight panels stay in
+ * its cache, and the team meets at a spin barrier once per step (twice with proj_size). Work
+ * below about a millisecond runs on the calling thread. Every element is computed in the same
+ * order whatever the thread count, so results do not depend on it.
+ *
+ * Variable lengths: lengths are sorted non-increasing, so the sequences active at step t are
+ * rows 0..n_t-1; a step touches only those rows. Rows whose state starts at this step (t = 0
+ * forward, t = length-1 backward) read h0 and c0 instead of the previous step.
+ *
+ * Kept for backward (training only, in `saved`): the activated gates (T, B, Gp) and, with
+ * proj_size, m = o * tanh(c) (T, B, Hp); the cell states are the `cells` tensor (T, B, D*H) and
+ * h is the output. Backward walks the steps in reverse, writing the gate gradients dA into a
+ * buffer of its own (the kept gates stay intact, so backward can run twice with retain_graph);
+ * dh_{t-1} = dA_t W_hh is split by columns of P (two barriers per step), the bias
+ * gradient is summed on the way, and the weight gradients dA^T x, dA^T h_{t-1}, dh^T m and
+ * dx = dA W_ih are large GEMMs after the loop.
+ */
+#include "lstm.h"
+
+#if !defined(LK_DOUBLE)
+#error "compile kernel.c with -DLK_DOUBLE=0 (float) or -DLK_DOUBLE=1 (double)"
+#endif
+
+#if LK_DOUBLE
+typedef double real;
+typedef int64_t ival;
+#define SUF(name) name##_f64
+#define BLAS_GEMM lk_dgemm
+#else
+typedef float real;
+typedef int32_t ival;
+#define SUF(name) name##_f32
+#define BLAS_GEMM lk_sgemm
+#endif
+
+#define V ((int64_t)(LK_VBYTES / sizeof(real))) /* lanes per vector */
+#define W (4 * V)                               /* columns per panel */
+typedef real vec __attribute__((vector_size(LK_VBYTES)));
+typedef ival ivec __attribute__((vector_size(LK_VBYTES)));
+
+static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static int64_t clamp_lanes(int64_t n) { return n < 0 ? 0 : n > V ? V : n; }
+
+/* ---- vectors ---- */
+
+LK_INLINE vec splat(real x) { return (vec){} + x; }
+LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
+LK_INLINE vec vload(const real *p)
+{
+    vec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+LK_INLINE void vstore(real *p, vec v) { memcpy(p, &v, sizeof v); }
+/* The first n lanes (0 <= n <= V) of p; the others are zero and p[n..] is not read. */
+LK_INLINE vec vload_n(const real *p, int64_t n)
+{
+    if (n == V)
+        return vload(p);
+    vec v = {};
+    memcpy(&v, p, (size_t)n * sizeof(real));
+    return v;
+}
+LK_INLINE void vstore_n(real *p, vec v, int64_t n)
+{
+    if (n == V)
+        vstore(p, v);
+    else
+        memcpy(p, &v, (size_t)n * sizeof(real));
+}
+
+/* ---- tanh and sigmoid, vectorised, accurate to float / double rounding (a few ulp) ----
+ * exp: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by its Taylor polynomial
+ * (truncation far below one ulp), 2^n put into the exponent bits. The round-to-integer adds
+ * and subtracts 1.5 * 2^mantissa_bits, so the integer n also sits in the low bits of the sum.
+ * tanh: its Taylor series below TANH_SMALL, where 1 - 2 / (e^2|x| + 1) would lose bits, and
+ * that formula above. Measured against long double libm over a dense sweep of [-20, 20]:
+ * float tanh 1.4 ulp, sigmoid 2.4 ulp; double tanh 1.4 ulp, sigmoid 2.5 ulp. NaN propagates. */
+#if LK_DOUBLE
+#define EXP_LO -708.0
+#define EXP_HI 708.0
+#define EXP_SHIFTER 6755399441055744.0 /* 1.5 * 2^52 */
+#define LN2_HI 6.93147180369123816490e-01
+#define LN2_LO 1.90821492927058770002e-10
+#define EXP_BIAS 1023
+#define MANT_BITS 52
+#define TANH_SMALL 0.55
+static const real exp_taylor[] = {1.0 / 6227020800.0, 1.0 / 479001600.0, 1.0 / 39916800.0,
+                                  1.0 / 3628800.0,    1.0 / 362880.0,    1.0 / 40320.0,
+                                  1.0 / 5040.0,       1.0 / 720.0,       1.0 / 120.0,
+                                  1.0 / 24.0,         1.0 / 6.0,         0.5,
+                                  1.0,                1.0};
+#define TANH_TERMS 17
+#else
+#define EXP_LO -87.0f
+#define EXP_HI 88.0f
+#define EXP_SHIFTER 12582912.0f /* 1.5 * 2^23 */
+#define LN2_HI 0.693359375f
+#define LN2_LO -2.12194440e-4f
+#define EXP_BIAS 127
+#define MANT_BITS 23
+#define TANH_SMALL 0.625f
+static const real exp_taylor[] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 1.0f / 24.0f,
+                                  1.0f / 6.0f,    0.5f,          1.0f,          1.0f};
+#define TANH_TERMS 8
+#endif
+#define LOG2E ((real)1.44269504088896340736)
+#define EXP_TERMS ((int)(sizeof exp_taylor / sizeof exp_taylor[0]))
+/* tanh x = x + sum_n tanh_taylor[n] x^(2n+3): 2^2k (2^2k - 1) B_2k / (2k)!, Bernoulli B. */
+static const real tanh_taylor[] = {
+    -0.3333333333333333,     0.13333333333333333,    -0.05396825396825397,
+    0.021869488536155203,    -0.008863235529902197,  0.003592128036572481,
+    -0.0014558343870513183,  0.000590027440945586,   -0.00023912911424355248,
+    9.691537956929451e-05,   -3.927832388331683e-05, 1.5918905069328964e-05,
+    -6.451689215655431e-06,  2.6147711512907546e-06, -1.0597268320104654e-06,
+    4.294911078273806e-07,   -1.7406618963571648e-07,
+};
+
+LK_INLINE vec v_exp(vec x)
+{
+    x = vsel(x < EXP_LO, splat(EXP_LO), x);
+    x = vsel(x > EXP_HI, splat(EXP_HI), x);
+    vec shifted = x * LOG2E + EXP_SHIFTER;
+    vec n = shifted - EXP_SHIFTER;
+    vec r = x - n * LN2_HI;
+    r = r - n * LN2_LO;
+    vec p = splat(exp_taylor[0]);
+    for (int k = 1; k < EXP_TERMS; k++)
+        p = p * r + exp_taylor[k];
+    ivec scale = ((ivec)shifted - (ivec)splat(EXP_SHIFTER) + EXP_BIAS) << MANT_BITS;
+    return p * (vec)scale;
+}
+
+LK_INLINE vec v_sigmoid(vec x) { return 1 / (1 + v_exp(-x)); }
+
+LK_INLINE vec v_tanh(vec x)
+{
+    const ivec sign = (ivec){} + ((ival)1 << (sizeof(real) * 8 - 1));
+    vec ax = (vec)((ivec)x & ~sign);
+    vec x2 = x * x;
+    vec p = splat(tanh_taylor[TANH_TERMS - 1]);
+    for (int k = TANH_TERMS - 2; k >= 0; k--)
+        p = p * x2 + tanh_taylor[k];
+    vec small = x + x * x2 * p;
+    vec large = 1 - 2 / (v_exp(ax + ax) + 1);
+    large = (vec)((ivec)large | ((ivec)x & sign));
+    return vsel(ax < TANH_SMALL, small, large);
+}
+
+/* ---- GEMM on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C ---- */
+
+static void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, real alpha,
+                 const real *A, int64_t lda, const real *B, int64_t ldb, real beta, real *C,
+                 int64_t ldc)
+{
+    if (m == 0 || n == 0)
+        return;
+    if (BLAS_GEMM != NULL && k > 0) {
+        /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. */
+        const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+        const int mm = (int)n, nn = (int)m, kk = (int)k;
+        const int la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+        BLAS_GEMM(&tb, &ta, &mm, &nn, &kk, &alpha, B, &la, A, &lb, &beta, C, &lc);
+        return;
+    }
+    /* Without a BLAS: a plain loop, rows split across threads when there is enough work. */
+#pragma omp parallel for schedule(static) if ((double)m * n * k > 1e7)
+    for (int64_t i = 0; i < m; i++) {
+        real *c = C + i * ldc;
+        for (int64_t j = 0; j < n; j++)
+            c[j] = beta == 0 ? 0 : beta * c[j];
+        for (int64_t p = 0; p < k; p++) {
+            const real a_ip = alpha * (trans_a ? A[p * lda + i] : A[i * lda + p]);
+            if (trans_b)
+                for (int64_t j = 0; j < n; j++)
+                    c[j] += a_ip * B[j * ldb + p];
+            else
+                for (int64_t j = 0; j < n; j++)
+                    c[j] += a_ip * B[p * ldb + j];
+        }
+    }
+}
+
+/* ---- one direction of a layer: geometry, buffers and row addresses ---- */
+
+typedef struct {
+    const lk_layer *a;
+    int64_t d, rev;
+    int64_t T, B, I, H, P, D;
+    int64_t Hb, Hp, Gp; /* unit blocks, padded units, padded gate columns */
+    int64_t Pb, Pp;     /* panels of W columns over P, padded P */
+    int proj, keep;     /* proj_size > 0; training (keep the gates) */
+    const real *x, *h0, *c0;
+    real *out, *cells, *ring; /* ring: (2, B, H) last two cell states when cells is NULL */
+    real *G;                  /* (T, B, Gp) gates: input projection, then activations, then dA */
+    real *m;                  /* proj: m = o * tanh(c), (T, B, Hp) kept or (B, Hp) */
+    int64_t m_step;           /* elements between steps of m: B * Hp or 0 */
+    /* forward weights, packed */
+    const real *wx;   /* (Gp, I) permuted rows of W_ih */
+    const real *bias; /* (Gp) b_ih + b_hh */
+    const real *wr;   /* (Hb, P, W) W_hh^T panels, one per unit block */
+    const real *wp;   /* proj: (Pb, Hp, W) W_hr^T panels */
+} dir_t;
+
+static real *out_row(const dir_t *w, int64_t t, int64_t b)
+{
+    return w->out + (t * w->B + b) * w->D * w->P + w->d * w->P;
+}
+static real *cell_row(const dir_t *w, int64_t t, int64_t b)
+{
+    if (w->cells != NULL)
+        return w->cells + (t * w->B + b) * w->D * w->H + w->d * w->H;
+    return w->ring + ((t & 1) * w->B + b) * w->H;
+}
+static real *gate_row(const dir_t *w, int64_t t, int64_t b) { return w->G + (t * w->B + b) * w->Gp; }
+static real *m_row(const dir_t *w, int64_t t, int64_t b) { return w->m + t * w->m_step + b * w->Hp; }
+
+/* Where step t's row b takes its previous state from: the step before in this direction's
+ * order, or the initial state for rows that start at t (the first `fresh` rows continue). */
+typedef struct {
+    int64_t t, prev, n, cont;
+} step_t;
+
+static step_t make_step(const dir_t *w, int64_t s)
+{
+    step_t st;
+    st.t = w->rev ? w->T - 1 - s : s;
+    st.prev = w->rev ? st.t + 1 : st.t - 1;
+    st.n = lk_active(w->a, st.t);
+    st.cont = s == 0 ? 0 : min64(st.n, lk_active(w->a, st.prev));
+    return st;
+}
+static const real *h_prev(const dir_t *w, const step_t *st, int64_t b)
+{
+    return b < st->cont ? out_row(w, st->prev, b) : w->h0 + b * w->P;
+}
+static const real *c_prev(const dir_t *w, const step_t *st, int64_t b)
+{
+    return b < st->cont ? cell_row(w, st->prev, b) : w->c0 + b * w->H;
+}
+
+/* Original row (q H + j) of permuted gate column `col`, or -1 for a padded unit. */
+static int64_t torch_row(const dir_t *w, int64_t col)
+{
+    int64_t j = col / W * V + col % V, q = col % W / V;
+    return j < w->H ? q * w->H + j : -1;
+}
+
+static void geometry(dir_t *w, const lk_layer *a, int64_t d)
+{
+    memset(w, 0, sizeof *w);
+    w->a = a;
+    w->d = d;
+    w->rev = d == 1;
+    w->T = a->T, w->B = a->B, w->I = a->I, w->H = a->H, w->P = a->P, w->D = a->D;
+    w->Hb = (a->H + V - 1) / V;
+    w->Hp = w->Hb * V;
+    w->Gp = 4 * w->Hp;
+    w->Pb = (a->P + W - 1) / W;
+    w->Pp = w->Pb * W;
+    w->proj = a->w_hr[d] != NULL;
+    w->x = a->x;
+    w->h0 = (const real *)a->h0 + d * a->B * a->P;
+    w->c0 = (const real *)a->c0 + d * a->B * a->H;
+    w->out = a->out;
+    w->cells = a->cells;
+}
+
+/* ---- packing torch's weights into the kernel layouts ---- */
+
+static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *wp)
+{
+    const lk_layer *a = w->a;
+    const real *w_ih = a->w_ih[w->d], *w_hh = a->w_hh[w->d], *w_hr = a->w_hr[w->d];
+    const real *b_ih = a->b_ih[w->d], *b_hh = a->b_hh[w->d];
+    for (int64_t col = 0; col < w->Gp; col++) {
+        int64_t r = torch_row(w, col);
+        real *panel_col = wr + col / W * w->P * W + col % W;
+        if (r < 0) {
+            memset(wx + col * w->I, 0, (size_t)w->I * sizeof(real));
+            bias[col] = 0;
+            for (int64_t k = 0; k < w->P; k++)
+                panel_col[k * W] = 0;
+            continue;
+        }
+        memcpy(wx + col * w->I, w_ih + r * w->I, (size_t)w->I * sizeof(real));
+        bias[col] = (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
+        for (int64_t k = 0; k < w->P; k++)
+            panel_col[k * W] = w_hh[r * w->P + k];
+    }
+    if (!w->proj)
+        return;
+    for (int64_t pb = 0; pb < w->Pb; pb++)
+        for (int64_t j = 0; j < w->Hp; j++)
+            for (int64_t c = 0; c < W; c++) {
+                int64_t p = pb * W + c;
+                wp[(pb * w->Hp + j) * W + c] = p < w->P && j < w->H ? w_hr[p * w->H + j] : 0;
+            }
+}
+
+/* Backward layouts: ub (Pb, Gp, W) = panels of W_hh (permuted rows) over columns of P, for
+ * dh = dA W_hh; wrb (Hb, P, V) = W_hr per unit block, for dm = dh W_hr. */
+static void pack_backward(const dir_t *w, real *ub, real *wrb)
+{
+    const lk_layer *a = w->a;
+    const real *w_hh = a->w_hh[w->d], *w_hr = a->w_hr[w->d];
+    for (int64_t pb = 0; pb < w->Pb; pb++)
+        for (int64_t col = 0; col < w->Gp; col++) {
+            int64_t r = torch_row(w, col);
+            real *dst = ub + (pb * w->Gp + col) * W;
+            for (int64_t c = 0; c < W; c++) {
+                int64_t p = pb * W + c;
+                dst[c] = r >= 0 && p < w->P ? w_hh[r * w->P + p] : 0;
+            }
+        }
+    if (!w->proj)
+        return;
+    for (int64_t blk = 0; blk < w->Hb; blk++)
+        for (int64_t p = 0; p < w->P; p++)
+            for (int64_t v = 0; v < V; v++) {
+                int64_t j = blk * V + v;
+                wrb[(blk * w->P + p) * V + v] = j < w->H ? w_hr[p * w->H + j] : 0;
+            }
+}
+
+/* dst (4H, cols) in torch's row order from src (Gp, cols) in the kernel's. */
+static void unpermute(const dir_t *w, const real *src, real *dst, int64_t cols)
+{
+    for (int64_t col = 0; col < w->Gp; col++) {
+        int64_t r = torch_row(w, col);
+        if (r >= 0)
+            memcpy(dst + r * cols, src + col * cols, (size_t)cols * sizeof(real));
+    }
+}
+
+/* ---- the register tile: acc[r][c] += sum_k a[r][k] b[k][c], c over nv vectors ----
+ * Called with constant mr and nv, so the loops unroll and acc lives in registers. */
+LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, const real *const *a,
+                         const real *b, int64_t ldb, vec acc[LK_MR1][4])
+{
+    for (int64_t kk = 0; kk < k; kk++) {
+        vec bv[4];
+        for (int c = 0; c < nv; c++)
+            bv[c] = vload(b + kk * ldb + c * V);
+        for (int r = 0; r < mr; r++) {
+            vec ar = splat(a[r][kk]);
+            for (int c = 0; c < nv; c++)
+                acc[r][c] += ar * bv[c];
+        }
+    }
+}
+
+/* ---- forward ---- */
+
+/* Rows r0..r0+mr-1 of unit block blk at one step: recurrent product, then the gate update. */
+LK_INLINE void forward_tile(const int mr, const dir_t *w, const step_t *st, int64_t r0,
+                            int64_t blk)
+{
+    const real *rows[LK_MR1];
+    vec acc[LK_MR1][4];
+    const real *bias = w->bias + blk * W;
+    for (int r = 0; r < mr; r++) {
+        rows[r] = h_prev(w, st, r0 + r);
+        const real *g = gate_row(w, st->t, r0 + r) + blk * W;
+        for (int q = 0; q < 4; q++)
+            acc[r][q] = vload(g + q * V) + vload(bias + q * V);
+    }
+    panel_mac(mr, 4, w->P, rows, w->wr + blk * w->P * W, W, acc);
+    const int64_t lanes = clamp_lanes(w->H - blk * V);
+    for (int r = 0; r < mr; r++) {
+        int64_t b = r0 + r;
+        vec i = v_sigmoid(acc[r][0]), f = v_sigmoid(acc[r][1]);
+        vec g = v_tanh(acc[r][2]), o = v_sigmoid(acc[r][3]);
+        vec c = f * vload_n(c_prev(w, st, b) + blk * V, lanes) + i * g;
+        vec h = o * v_tanh(c);
+        vstore_n(cell_row(w, st->t, b) + blk * V, c, lanes);
+        if (w->proj)
+            vstore(m_row(w, st->t, b) + blk * V, h);
+        else
+            vstore_n(out_row(w, st->t, b) + blk * V, h, lanes);
+        if (w->keep) {
+            real *kept = gate_row(w, st->t, b) + blk * W;
+            vstore(kept, i);
+            vstore(kept + V, f);
+            vstore(kept + 2 * V, g);
+            vstore(kept + 3 * V, o);
+        }
+    }
+}
+
+/* h = m W_hr^T for rows r0..r0+mr-1 and columns of panel pb. */
+LK_INLINE void project_tile(const int mr, const dir_t *w, const step_t *st, int64_t r0,
+                            int64_t pb)
+{
+    const real *rows[LK_MR1];
+    vec acc[LK_MR1][4];
+    for (int r = 0; r < mr; r++) {
+        rows[r] = m_row(w, st->t, r0 + r);
+        for (int q = 0; q < 4; q++)
+            acc[r][q] = splat(0);
+    }
+    panel_mac(mr, 4, w->Hp, rows, w->wp + pb * w->Hp * W, W, acc);
+    for (int r = 0; r < mr; r++) {
+        real *h = out_row(w, st->t, r0 + r) + pb * W;
+        for (int q = 0; q < 4; q++)
+            vstore_n(h + q * V, acc[r][q], clamp_lanes(w->P - pb * W - q * V));
+    }
+}
+
+static void zero_columns(real *row, int64_t begin, int64_t end)
+{
+    if (end > begin)
+        memset(row + begin, 0, (size_t)(end - begin) * sizeof(real));
+}
+
+/* The whole sequence for one direction, as member `rank` of a team of `size` threads. */
+static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *bar, int *sense)
+{
+    int64_t b0, b1, p0, p1;
+    lk_split(w->Hb, rank, size, &b0, &b1);
+    lk_split(w->Pb, rank, size, &p0, &p1);
+    const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H); /* own units */
+    for (int64_t s = 0; s < w->T; s++) {
+        const step_t st = make_step(w, s);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            int64_t r = 0;
+            for (; r + LK_MR <= st.n; r += LK_MR)
+                forward_tile(LK_MR, w, &st, r, blk);
+            for (; r < st.n; r++)
+                forward_tile(1, w, &st, r, blk);
+        }
+        for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */
+            if (w->cells != NULL)
+                zero_columns(cell_row(w, st.t, b), u0, u1);
+            if (!w->proj)
+                zero_columns(out_row(w, st.t, b), u0, u1);
+        }
+        if (w->proj) {
+            lk_barrier_wait(bar, sense); /* m of this step complete */
+            for (int64_t pb = p0; pb < p1; pb++) {
+                int64_t r = 0;
+                for (; r + LK_MR <= st.n; r += LK_MR)
+                    project_tile(LK_MR, w, &st, r, pb);
+                for (; r < st.n; r++)
+                    project_tile(1, w, &st, r, pb);
+            }
+            for (int64_t b = st.n; b < w->B; b++)
+                zero_columns(out_row(w, st.t, b), p0 * W, min64(p1 * W, w->P));
+        }
+        lk_barrier_wait(bar, sense); /* h of this step complete */
+    }
+}
+
+/* Runs fn(dirs[d], rank, size) for every direction: teams side by side when there are threads
+ * for it (see lk_make_teams), else on the calling thread. */
+typedef void (*direction_fn)(const void *dir, int rank, int size, lk_barrier *bar, int *sense);
+
+static void run_teams(direction_fn fn, const void *dirs, size_t dir_bytes, int64_t D, int threads)
+{
+    lk_barrier bars[2];
+    if (threads <= 1) {
+        int sense = 0;
+        lk_barrier_init(&bars[0], 1);
+        for (int64_t d = 0; d < D; d++)
+            fn((const char *)dirs + d * dir_bytes, 0, 1, &bars[0], &sense);
+        return;
+    }
+    const lk_teams teams = lk_make_teams(D, threads);
+    for (int k = 0; k < teams.teams; k++)
+        lk_barrier_init(&bars[k], teams.size);
+#pragma omp parallel num_threads(teams.teams * teams.size)
+    {
+        int sense = 0;
+        int id = 0, got = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        got = omp_get_num_threads();
+#endif
+        if (got != teams.teams * teams.size) {
+            /* Fewer threads than asked for (nested region, thread limit): thread 0 does all. */
+            if (id == 0) {
+                lk_barrier alone;
+                lk_barrier_init(&alone, 1);
+                for (int64_t d = 0; d < D; d++)
+                    fn((const char *)dirs + d * dir_bytes, 0, 1, &alone, &sense);
+            }
+        } else {
+            int team = id / teams.size, rank = id % teams.size;
+            for (int64_t d = team; d < D; d += teams.teams)
+                fn((const char *)dirs + d * dir_bytes, rank, teams.size, &bars[team], &sense);
+        }
+    }
+}
+
+static void forward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
+{
+    forward_direction(dir, rank, size, bar, sense);
+}
+
+static double layer_flops(const lk_layer *a)
+{
+    double per_row = 8.0 * a->H * (a->I + a->P) + (a->w_hr[0] ? 2.0 * a->H * a->P : 0);
+    return per_row * a->T * a->B * a->D;
+}
+
+/* Elements of `saved` that a training forward needs (see the file comment). */
+int64_t SUF(lk_saved_elems)(const lk_layer *a)
+{
+    dir_t w;
+    geometry(&w, a, 0);
+    return a->D * a->T * a->B * (w.Gp + (w.proj ? w.Hp : 0));
+}
+
+/* Forward through one layer. 0 on success, -1 if memory ran out. */
+int SUF(lk_forward)(const lk_layer *a)
+{
+    dir_t dirs[2];
+    size_t elems = 0;
+    for (int64_t d = 0; d < a->D; d++) {
+        dir_t *w = &dirs[d];
+        geometry(w, a, d);
+        w->keep = a->saved != NULL;
+        elems += w->Gp * w->I + w->Gp + w->Hb * w->P * W + (w->proj ? w->Pb * w->Hp * W : 0);
+        if (!w->keep)
+            elems += a->T * a->B * w->Gp + (w->proj ? a->B * w->Hp : 0);
+        if (a->cells == NULL)
+            elems += 2 * a->B * a->H;
+    }
+    real *work = malloc(elems * sizeof(real) + 64);
+    if (work == NULL)
+        return -1;
+    real *next = work;
+    real *saved = a->saved;
+    for (int64_t d = 0; d < a->D; d++) {
+        dir_t *w = &dirs[d];
+        real *wx = next, *bias = wx + w->Gp * w->I, *wr = bias + w->Gp;
+        real *wp = wr + w->Hb * w->P * W;
+        next = wp + (w->proj ? w->Pb * w->Hp * W : 0);
+        if (w->keep) {
+            w->G = saved;
+            saved += a->T * a->B * w->Gp;
+            if (w->proj) {
+                w->m = saved;
+                w->m_step = a->B * w->Hp;
+                saved += a->T * a->B * w->Hp;
+            }
+        } else {
+            w->G = next;
+            next += a->T * a->B * w->Gp;
+            if (w->proj) {
+                w->m = next;
+                next += a->B * w->Hp;
+            }
+        }
+        if (a->cells == NULL) {
+            w->ring = next;
+            next += 2 * a->B * a->H;
+        }
+        pack_forward(w, wx, bias, wr, wp);
+        w->wx = wx, w->bias = bias, w->wr = wr, w->wp = wp;
+        if (a->B > 0) /* input projection for every step: G = x W_ih^T (bias added per tile) */
+            gemm(0, 1, a->T * a->B, w->Gp, a->I, 1, w->x, a->I, wx, a->I, 0, w->G, w->Gp);
+    }
+    if (a->B > 0)
+        run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D,
+                  lk_threads(a, layer_flops(a)));
+    for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
+        const dir_t *w = &dirs[d];
+        for (int64_t b = 0; b < a->B; b++) {
+            int64_t len = a->lengths ? a->lengths[b] : a->T;
+            int64_t last = w->rev ? 0 : len - 1;
+            const real *h = len > 0 ? out_row(w, last, b) : w->h0 + b * a->P;
+            const real *c = len > 0 ? cell_row(w, last, b) : w->c0 + b * a->H;
+            memcpy((real *)a->h_n + (d * a->B + b) * a->P, h, (size_t)a->P * sizeof(real));
+            memcpy((real *)a->c_n + (d * a->B + b) * a->H, c, (size_t)a->H * sizeof(real));
+        }
+    }
+    free(work);
+    return 0;
+}
+
+/* ---- backward ---- */
+
+typedef struct {
+    dir_t f;
+    const lk_grads *g;
+    const real *ub, *wrb; /* see pack_backward */
+    real *dH;             /* (B, Pp) gradient of h from the step after */
+    real *dC;             /* (B, Hp) gradient of c from the step after */
+    real *dhs;            /* proj: (T, B, Pp) total dh per step, kept for dW_hr; else dH */
+    int64_t dhs_step;     /* B * Pp or 0 */
+    real *db;             /* (Gp) bias gradient, permuted */
+    real *dA;             /* (T, B, Gp) gate gradients (the kept gates stay intact) */
+} bdir_t;
+
+static real *grad_row(const bdir_t *w, int64_t t, int64_t b)
+{
+    return w->dA + (t * w->f.B + b) * w->f.Gp;
+}
+
+static real *dhs_row(const bdir_t *w, int64_t t, int64_t b)
+{
+    return w->dhs + t * w->dhs_step + b * w->f.Pp;
+}
+
+/* dhs[t] = dH + d_out[t] for the rows active at t, over columns [c0, c1) of P. */
+static void add_output_grad(const bdir_t *w, int64_t t, int64_t c0, int64_t c1)
+{
+    const dir_t *f = &w->f;
+    const real *d_out = w->g->d_out;
+    const int64_t n = lk_active(f->a, t);
+    for (int64_t b = 0; b < n; b++) {
+        const real *dh = w->dH + b * f->Pp;
+        real *dst = dhs_row(w, t, b);
+        const real *grad = d_out ? d_out + (t * f->B + b) * f->D * f->P + f->d * f->P : NULL;
+        for (int64_t c = c0; c < c1; c++)
+            dst[c] = dh[c] + (grad != NULL && c < f->P ? grad[c] : 0);
+    }
+    if (f->proj) /* rows not active: no gradient, and dW_hr sums over every row */
+        for (int64_t b = n; b < f->B; b++)
+            zero_columns(dhs_row(w, t, b), c0, c1);
+}
+
+/* Gate gradients of rows r0..r0+mr-1 in unit block blk. */
+LK_INLINE void backward_tile(const int mr, const bdir_t *w, const step_t *st, int64_t r0,
+                             int64_t blk)
+{
+    const dir_t *f = &w->f;
+    const real *d_cells = w->g->d_cells;
+    vec dh[LK_MR1][4];
+    if (f->proj) {
+        const real *rows[LK_MR1];
+        for (int r = 0; r < mr; r++) {
+            rows[r] = dhs_row(w, st->t, r0 + r);
+            dh[r][0] = splat(0);
+        }
+        panel_mac(mr, 1, f->P, rows, w->wrb + blk * f->P * V, V, dh);
+    } else {
+        for (int r = 0; r < mr; r++)
+            dh[r][0] = vload(dhs_row(w, st->t, r0 + r) + blk * V);
+    }
+    const int64_t lanes = clamp_lanes(f->H - blk * V);
+    real *db = w->db + blk * W;
+    vec db_i = vload(db), db_f = vload(db + V), db_g = vload(db + 2 * V), db_o = vload(db + 3 * V);
+    for (int r = 0; r < mr; r++) {
+        int64_t b = r0 + r;
+        const real *gates = gate_row(f, st->t, b) + blk * W;
+        real *grads = grad_row(w, st->t, b) + blk * W;
+        vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
+        vec o = vload(gates + 3 * V);
+        vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
+        vec tc = v_tanh(c);
+        real *dc_row = w->dC + b * f->Hp + blk * V;
+        vec dc = vload(dc_row) + dh[r][0] * o * (1 - tc * tc);
+        if (d_cells != NULL)
+            dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V,
+                          lanes);
+        vec d_i = dc * g * i * (1 - i);
+        vec d_f = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
+        vec d_g = dc * i * (1 - g * g);
+        vec d_o = dh[r][0] * tc * o * (1 - o);
+        vstore(dc_row, dc * fg);
+        vstore(grads, d_i);
+        vstore(grads + V, d_f);
+        vstore(grads + 2 * V, d_g);
+        vstore(grads + 3 * V, d_o);
+        db_i += d_i, db_f += d_f, db_g += d_g, db_o += d_o;
+    }
+    vstore(db, db_i);
+    vstore(db + V, db_f);
+    vstore(db + 2 * V, db_g);
+    vstore(db + 3 * V, db_o);
+}
+
+/* dH = dA W_hh for rows r0..r0+mr-1 and the columns of P panel pb. */
+LK_INLINE void recurrent_grad_tile(const int mr, const bdir_t *w, const step_t *st, int64_t r0,
+                                   int64_t pb)
+{
+    const dir_t *f = &w->f;
+    const real *rows[LK_MR1];
+    vec acc[LK_MR1][4];
+    for (int r = 0; r < mr; r++) {
+        rows[r] = grad_row(w, st->t, r0 + r);
+        for (int q = 0; q < 4; q++)
+            acc[r][q] = splat(0);
+    }
+    panel_mac(mr, 4, f->Gp, rows, w->ub + pb * f->Gp * W, W, acc);
+    for (int r = 0; r < mr; r++)
+        for (int q = 0; q < 4; q++)
+            vstore(w->dH + (r0 + r) * f->Pp + pb * W + q * V, acc[r][q]);
+}
+
+static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *bar, int *sense)
+{
+    const dir_t *f = &w->f;
+    const lk_grads *g = w->g;
+    int64_t b0, b1, p0, p1;
+    lk_split(f->Hb, rank, size, &b0, &b1);
+    lk_split(f->Pb, rank, size, &p0, &p1);
+    const int64_t u0 = b0 * V, u1 = b1 * V, c0 = p0 * W, c1 = p1 * W;
+    const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->B * f->P : NULL;
+    const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->B * f->H : NULL;
+    for (int64_t b = 0; b < f->B; b++) { /* the final states' gradients enter first */
+        real *dc = w->dC + b * f->Hp, *dh = w->dH + b * f->Pp;
+        for (int64_t u = u0; u < u1; u++)
+            dc[u] = d_c_n != NULL && u < f->H ? d_c_n[b * f->H + u] : 0;
+        for (int64_t c = c0; c < c1; c++)
+            dh[c] = d_h_n != NULL && c < f->P ? d_h_n[b * f->P + c] : 0;
+    }
+    memset(w->db + b0 * W, 0, (size_t)((b1 - b0) * W) * sizeof(real));
+    add_output_grad(w, w->f.rev ? 0 : f->T - 1, c0, c1);
+    lk_barrier_wait(bar, sense);
+    for (int64_t s = f->T - 1; s >= 0; s--) {
+        const step_t st = make_step(f, s);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            int64_t r = 0;
+            for (; r + LK_MR1 <= st.n; r += LK_MR1)
+                backward_tile(LK_MR1, w, &st, r, blk);
+            for (; r < st.n; r++)
+                backward_tile(1, w, &st, r, blk);
+        }
+        for (int64_t b = st.n; b < f->B; b++) { /* padded rows take no part in dW, db, dx */
+            zero_columns(grad_row(w, st.t, b), b0 * W, b1 * W);
+            if (f->proj)
+                zero_columns(m_row(f, st.t, b), u0, u1);
+        }
+        lk_barrier_wait(bar, sense); /* dA of this step complete */
+        for (int64_t pb = p0; pb < p1; pb++) {
+            int64_t r = 0;
+            for (; r + LK_MR <= st.n; r += LK_MR)
+                recurrent_grad_tile(LK_MR, w, &st, r, pb);
+            for (; r < st.n; r++)
+                recurrent_grad_tile(1, w, &st, r, pb);
+        }
+        if (s > 0 && (f->proj || g->d_out != NULL))
+            add_output_grad(w, st.prev, c0, c1);
+        lk_barrier_wait(bar, sense); /* dh for the step before complete */
+    }
+}
+
+static void backward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar,
+                                  int *sense)
+{
+    backward_direction(dir, rank, size, bar, sense);
+}
+
+/* Weight, bias, input and initial-state gradients of one direction, after the loop. */
+static void parameter_grads(const bdir_t *w, real *tmp)
+{
+    const dir_t *f = &w->f;
+    const lk_layer *a = f->a;
+    const lk_grads *g = w->g;
+    const int64_t d = f->d, TB = f->T * f->B, DP = f->D * f->P;
+    if (g->d_b_ih[d] != NULL)
+        unpermute(f, w->db, g->d_b_ih[d], 1);
+    if (g->d_b_hh[d] != NULL)
+        unpermute(f, w->db, g->d_b_hh[d], 1);
+    if (g->d_w_ih[d] != NULL) {
+        gemm(1, 0, f->Gp, f->I, TB, 1, w->dA, f->Gp, f->x, f->I, 0, tmp, f->I);
+        unpermute(f, tmp, g->d_w_ih[d], f->I);
+    }
+    if (g->d_w_hh[d] != NULL) {
+        /* h_{t-1} of every row is the output of the step before, except at a row's first
+         * step (t = 0 forward, t = length-1 backward), where it is h0. Padded outputs are
+         * zero, so the shifted product only needs the h0 rows added. */
+        const int64_t first = f->rev ? 0 : 1, shift = f->rev ? 1 : 0;
+        gemm(1, 0, f->Gp, f->P, (f->T - 1) * f->B, 1, grad_row(w, first, 0), f->Gp,
+             f->out + shift * f->B * DP + d * f->P, DP, 0, tmp, f->P);
+        const int64_t n0 = lk_active(a, 0);
+        const real *start = grad_row(w, f->rev ? f->T - 1 : 0, 0);
+        real *gathered = NULL;
+        if (f->rev && a->lengths != NULL) {
+            gathered = malloc((size_t)(n0 * f->Gp) * sizeof(real) + 1);
+            if (gathered == NULL)
+                abort();
+            for (int64_t b = 0; b < n0; b++)
+                memcpy(gathered + b * f->Gp, grad_row(w, a->lengths[b] - 1, b),
+                       (size_t)f->Gp * sizeof(real));
+            start = gathered;
+        }
+        gemm(1, 0, f->Gp, f->P, f->rev ? n0 : f->B, 1, start, f->Gp, f->h0, f->P, 1, tmp, f->P);
+        free(gathered);
+        unpermute(f, tmp, g->d_w_hh[d], f->P);
+    }
+    if (g->d_w_hr[d] != NULL)
+        gemm(1, 0, f->P, f->H, TB, 1, w->dhs, f->Pp, f->m, f->Hp, 0, g->d_w_hr[d], f->H);
+    if (g->d_x != NULL)
+        gemm(0, 0, TB, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, d == 0 ? 0 : 1, g->d_x, f->I);
+    for (int64_t b = 0; b < f->B; b++) {
+        if (g->d_h0 != NULL)
+            memcpy((real *)g->d_h0 + (d * f->B + b) * f->P, w->dH + b * f->Pp,
+                   (size_t)f->P * sizeof(real));
+        if (g->d_c0 != NULL)
+            memcpy((real *)g->d_c0 + (d * f->B + b) * f->H, w->dC + b * f->Hp,
+                   (size_t)f->H * sizeof(real));
+    }
+}
+
+/* Backward through one layer run by lk_forward with `saved` and `cells`. 0 on success, -1 if
+ * memory ran out. Reads `saved` only, so it can run again (retain_graph). */
+int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
+{
+    bdir_t dirs[2];
+    size_t elems = 0;
+    for (int64_t d = 0; d < a->D; d++) {
+        dir_t *f = &dirs[d].f;
+        memset(&dirs[d], 0, sizeof dirs[d]);
+        geometry(f, a, d);
+        elems += f->Pb * f->Gp * W + (f->proj ? f->Hb * f->P * V : 0) + f->Gp * f->I;
+        elems += a->B * f->Pp + a->B * f->Hp + f->Gp + (f->proj ? a->T * a->B * f->Pp : 0);
+        elems += a->T * a->B * f->Gp;
+    }
+    const dir_t *f0 = &dirs[0].f;
+    const int64_t tmp_elems = f0->Gp * (a->I > a->P ? a->I : a->P);
+    real *work = malloc((elems + tmp_elems) * sizeof(real) + 64);
+    if (work == NULL)
+        return -1;
+    real *next = work, *saved = a->saved;
+    for (int64_t d = 0; d < a->D; d++) {
+        bdir_t *w = &dirs[d];
+        dir_t *f = &w->f;
+        f->G = saved;
+        saved += a->T * a->B * f->Gp;
+        if (f->proj) {
+            f->m = saved;
+            f->m_step = a->B * f->Hp;
+            saved += a->T * a->B * f->Hp;
+        }
+        real *ub = next, *wrb = ub + f->Pb * f->Gp * W;
+        real *wx = wrb + (f->proj ? f->Hb * f->P * V : 0);
+        w->dH = wx + f->Gp * f->I;
+        w->dC = w->dH + a->B * f->Pp;
+        w->db = w->dC + a->B * f->Hp;
+        w->dA = w->db + f->Gp;
+        next = w->dA + a->T * a->B * f->Gp;
+        if (f->proj) {
+            w->dhs = next;
+            w->dhs_step = a->B * f->Pp;
+            next += a->T * a->B * f->Pp;
+        } else {
+            w->dhs = w->dH;
+        }
+        w->g = g;
+        pack_backward(f, ub, wrb);
+        for (int64_t col = 0; col < f->Gp; col++) { /* permuted W_ih rows for dx = dA W_ih */
+            int64_t r = torch_row(f, col);
+            if (r >= 0)
+                memcpy(wx + col * f->I, (const real *)a->w_ih[d] + r * f->I,
+                       (size_t)f->I * sizeof(real));
+            else
+                memset(wx + col * f->I, 0, (size_t)f->I * sizeof(real));
+        }
+        w->ub = ub, w->wrb = wrb, f->wx = wx;
+    }
+    run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D,
+              lk_threads(a, 2 * layer_flops(a)));
+    for (int64_t d = 0; d < a->D; d++)
+        parameter_grads(&dirs[d], next);
+    free(work);
+    return 0;
+}
+
+/* ---- the approximations on their own, for tests ---- */
+
+void SUF(lk_tanh)(const real *x, real *y, int64_t n)
+{
+    for (int64_t k = 0; k < n; k += V)
+        vstore_n(y + k, v_tanh(vload_n(x + k, min64(V, n - k))), min64(V, n - k));
+}
+
+void SUF(lk_sigmoid)(const real *x, real *y, int64_t n)
+{
+    for (int64_t k = 0; k < n; k += V)
+        vstore_n(y + k, v_sigmoid(vload_n(x + k, min64(V, n - k))), min64(V, n - k));
+}

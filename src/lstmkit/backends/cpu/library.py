@@ -1,0 +1,220 @@
+"""The compiled kernels, loaded once per process, and the ctypes mirror of their ABI (lstm.h).
+
+:func:`load` builds the library on first use (see :mod:`.build`), loads it and hands it the
+GEMM it will call: ``sgemm_``/``dgemm_`` from the BLAS torch already loaded (MKL on x86-64
+Linux), checked on a small product first, else the kernels' own loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import functools
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lstmkit.backends.cpu import build
+
+_ptr = ctypes.c_void_p
+_pair = ctypes.c_void_p * 2
+
+
+class Layer(ctypes.Structure):
+    """``lk_layer``: one layer's sizes and tensors (raw pointers; the caller keeps them alive)."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("T", "B", "I", "H", "P", "D", "threads")),
+        ("lengths", _ptr),
+        ("x", _ptr),
+        ("h0", _ptr),
+        ("c0", _ptr),
+        ("w_ih", _pair),
+        ("w_hh", _pair),
+        ("b_ih", _pair),
+        ("b_hh", _pair),
+        ("w_hr", _pair),
+        ("out", _ptr),
+        ("h_n", _ptr),
+        ("c_n", _ptr),
+        ("cells", _ptr),
+        ("saved", _ptr),
+    ]
+
+
+class Grads(ctypes.Structure):
+    """``lk_grads``: incoming gradients (NULL: zero) and wanted ones (NULL: not needed)."""
+
+    _fields_ = [
+        ("d_out", _ptr),
+        ("d_h_n", _ptr),
+        ("d_c_n", _ptr),
+        ("d_cells", _ptr),
+        ("d_x", _ptr),
+        ("d_h0", _ptr),
+        ("d_c0", _ptr),
+        ("d_w_ih", _pair),
+        ("d_w_hh", _pair),
+        ("d_b_ih", _pair),
+        ("d_b_hh", _pair),
+        ("d_w_hr", _pair),
+    ]
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The entry points for one dtype."""
+
+    forward: ctypes._CFuncPtr
+    backward: ctypes._CFuncPtr
+    saved_elems: ctypes._CFuncPtr
+    tanh: ctypes._CFuncPtr
+    sigmoid: ctypes._CFuncPtr
+
+
+@dataclass(frozen=True)
+class Library:
+    path: Path
+    compiled_seconds: float | None  # None: found in the cache
+    blas: str  # which GEMM the kernels call, in words
+    kernels: dict[torch.dtype, Kernels]
+    cdll: ctypes.CDLL
+
+
+_lock = threading.Lock()
+_library: Library | None = None
+_failure: str | None = None
+
+
+def load() -> Library:
+    """The library, built and loaded on the first call; raises BuildError if it cannot be."""
+    global _library, _failure
+    if _library is not None:
+        return _library
+    with _lock:
+        if _library is None:
+            if _failure is not None:
+                raise build.BuildError(_failure)
+            try:
+                _library = _load()
+            except build.BuildError as error:
+                _failure = str(error)
+                raise
+    return _library
+
+
+def failure() -> str | None:
+    """``None`` if the library loads (building it if needed), else why it cannot."""
+    try:
+        load()
+    except build.BuildError as error:
+        return str(error)
+    return None
+
+
+def _load() -> Library:
+    compiler = build.find_compiler()
+    if compiler is None:
+        raise build.BuildError("no C compiler found (set CC, or install gcc)")
+    path = build.library_path(compiler)
+    compiled_seconds = None
+    if not path.exists():
+        start = time.perf_counter()
+        build.build(compiler, path)
+        compiled_seconds = time.perf_counter() - start
+    try:
+        cdll = ctypes.CDLL(str(path))
+    except OSError as error:
+        raise build.BuildError(f"cannot load {path}: {error}") from error
+    cdll.lk_set_blas.argtypes = [_ptr, _ptr]
+    cdll.lk_set_blas.restype = None
+    layer, grads = ctypes.POINTER(Layer), ctypes.POINTER(Grads)
+    kernels = {
+        dtype: Kernels(
+            forward=_function(cdll, f"lk_forward_{suffix}", ctypes.c_int, [layer]),
+            backward=_function(cdll, f"lk_backward_{suffix}", ctypes.c_int, [layer, grads]),
+            saved_elems=_function(cdll, f"lk_saved_elems_{suffix}", ctypes.c_int64, [layer]),
+            tanh=_function(cdll, f"lk_tanh_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
+            sigmoid=_function(cdll, f"lk_sigmoid_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
+        )
+        for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))
+    }
+    return Library(path, compiled_seconds, _set_blas(cdll, builtin=False), kernels, cdll)
+
+
+def _function(cdll: ctypes.CDLL, name: str, restype: object, argtypes: list) -> ctypes._CFuncPtr:
+    function = getattr(cdll, name)
+    function.restype = restype
+    function.argtypes = argtypes
+    return function
+
+
+def use_builtin_gemm(builtin: bool) -> str:
+    """Make the kernels call their own GEMM loop (``True``) or the BLAS found (``False``).
+
+    Returns the choice in words. The tests use it to cover both.
+    """
+    global _library
+    library = load()
+    with _lock:
+        _library = dataclasses.replace(library, blas=_set_blas(library.cdll, builtin))
+    return _library.blas
+
+
+def _set_blas(cdll: ctypes.CDLL, builtin: bool) -> str:
+    found = None if builtin else _find_blas()
+    if found is None:
+        cdll.lk_set_blas(None, None)
+        why = "as asked" if builtin else "no working sgemm_/dgemm_ in torch's libraries"
+        return f"lstmkit's own GEMM loop ({why})"
+    sgemm, dgemm, where = found
+    cdll.lk_set_blas(sgemm, dgemm)
+    return where
+
+
+@functools.cache
+def _find_blas() -> tuple[int, int, str] | None:
+    """Addresses of a working LP64 ``sgemm_``/``dgemm_`` in torch's own libraries, and where."""
+    kind = "MKL" if torch.backends.mkl.is_available() else "BLAS"
+    lib_dir = Path(torch.__file__).resolve().parent / "lib"
+    for path in sorted(lib_dir.glob("libtorch_cpu.*")):
+        try:
+            lib = ctypes.CDLL(str(path))
+            sgemm, dgemm = lib.sgemm_, lib.dgemm_
+        except (OSError, AttributeError):
+            continue
+        if _gemm_works(sgemm, ctypes.c_float) and _gemm_works(dgemm, ctypes.c_double):
+            sgemm_address = ctypes.cast(sgemm, _ptr).value
+            dgemm_address = ctypes.cast(dgemm, _ptr).value
+            return sgemm_address, dgemm_address, f"{kind} sgemm_/dgemm_ from torch's {path.name}"
+    return None
+
+
+def _gemm_works(gemm: ctypes._CFuncPtr, real: type) -> bool:
+    """Whether ``gemm`` takes 32-bit sizes (LP64) and squares [[1, 2], [3, 4]] right."""
+    matrix = (real * 4)(1, 3, 2, 4)  # column-major
+    result = (real * 4)(-1, -1, -1, -1)
+    two = ctypes.c_int(2)
+    one, zero = real(1), real(0)
+    trans = ctypes.c_char_p(b"N")
+    size = ctypes.byref(two)
+    gemm.restype = None
+    gemm(
+        trans,
+        trans,
+        size,
+        size,
+        size,
+        ctypes.byref(one),
+        matrix,
+        size,
+        matrix,
+        size,
+        ctypes.byref(zero),
+        result,
+        size,
+    )
+    return list(result) == [7.0, 15.0, 10.0, 22.0]

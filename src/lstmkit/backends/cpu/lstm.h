@@ -1,0 +1,148 @@
+/* lstmkit CPU kernels: the C ABI shared with Python (lstmkit.backends.cpu) and small helpers
+ * shared by the float and double builds of kernel.c. See kernel.c for the design. */
+#ifndef LSTMKIT_LSTM_H
+#define LSTMKIT_LSTM_H
+#include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#define LK_INLINE static inline __attribute__((always_inline))
+#define LK_VBYTES 32 /* bytes per vector: AVX2; GCC splits it where vectors are narrower */
+#define LK_MR 2      /* rows per register tile of the four-vector panel products */
+#define LK_MR1 4     /* rows per register tile of the one-vector product (backward, proj) */
+/* Below this many floating-point operations per call the work runs on one thread: waking a
+ * second one costs more than it saves, and much more when another process holds a core. */
+#define LK_SERIAL_FLOPS 4.0e7
+
+/* One layer, as lstmkit.backends.cpu passes it. Tensors are contiguous, of one dtype. */
+typedef struct {
+    int64_t T, B, I, H, P, D;
+    int64_t threads;        /* most threads to use: torch.get_num_threads() */
+    const int64_t *lengths; /* (B,) non-increasing, in [0, T]; NULL: every sequence has T steps */
+    const void *x;          /* (T, B, I) */
+    const void *h0, *c0;    /* (D, B, P), (D, B, H) */
+    const void *w_ih[2], *w_hh[2]; /* (G, I), (G, P) per direction */
+    const void *b_ih[2], *b_hh[2]; /* (G,) or NULL */
+    const void *w_hr[2];           /* (P, H) or NULL */
+    void *out;                     /* (T, B, D*P) */
+    void *h_n, *c_n;               /* (D, B, P), (D, B, H) */
+    void *cells;                   /* (T, B, D*H) every cell state, or NULL (inference) */
+    void *saved;                   /* lk_saved_elems_*() elements kept for backward, or NULL */
+} lk_layer;
+
+/* Gradients for backward: incoming ones may be NULL (zero), wanted ones NULL (not needed). */
+typedef struct {
+    const void *d_out, *d_h_n, *d_c_n, *d_cells;
+    void *d_x, *d_h0, *d_c0;
+    void *d_w_ih[2], *d_w_hh[2], *d_b_ih[2], *d_b_hh[2], *d_w_hr[2];
+} lk_grads;
+
+/* ---- BLAS: Fortran gemm from a library the caller found (torch's MKL), else a plain loop ---- */
+
+typedef void (*lk_sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                            const float *, const float *, const int *, const float *, const int *,
+                            const float *, float *, const int *);
+typedef void (*lk_dgemm_fn)(const char *, const char *, const int *, const int *, const int *,
+                            const double *, const double *, const int *, const double *,
+                            const int *, const double *, double *, const int *);
+extern lk_sgemm_fn lk_sgemm; /* NULL: no BLAS, the kernels' own loop is used */
+extern lk_dgemm_fn lk_dgemm;
+
+/* ---- a barrier for one team: sense-reversing, spinning, yielding when a core is taken ---- */
+
+typedef struct {
+    _Alignas(64) atomic_int arrived;
+    _Alignas(64) atomic_int sense;
+    int size;
+} lk_barrier;
+
+static inline void lk_barrier_init(lk_barrier *b, int size)
+{
+    atomic_init(&b->arrived, 0);
+    atomic_init(&b->sense, 0);
+    b->size = size;
+}
+
+static inline void lk_barrier_wait(lk_barrier *b, int *local_sense)
+{
+    if (b->size <= 1)
+        return;
+    int sense = !*local_sense;
+    *local_sense = sense;
+    if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == b->size - 1) {
+        atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+        atomic_store_explicit(&b->sense, sense, memory_order_release);
+        return;
+    }
+    for (unsigned spins = 0; atomic_load_explicit(&b->sense, memory_order_acquire) != sense;) {
+        if (++spins < 4096) {
+#if defined(__x86_64__) || defined(__i386__)
+            __builtin_ia32_pause();
+#endif
+        } else {
+            sched_yield();
+        }
+    }
+}
+
+/* [begin, end) of `count` items for member `rank` of `size`, contiguous and balanced. */
+static inline void lk_split(int64_t count, int rank, int size, int64_t *begin, int64_t *end)
+{
+    *begin = count * rank / size;
+    *end = count * (rank + 1) / size;
+}
+
+static inline int64_t lk_round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+/* Sequences active at step t: lengths are non-increasing, so they are rows 0..n-1. */
+static inline int64_t lk_active(const lk_layer *a, int64_t t)
+{
+    if (a->lengths == NULL)
+        return a->B;
+    int64_t lo = 0, hi = a->B; /* first row with length <= t */
+    while (lo < hi) {
+        int64_t mid = (lo + hi) / 2;
+        if (a->lengths[mid] > t)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* Threads for this call: one below LK_SERIAL_FLOPS, else up to a->threads. */
+static inline int lk_threads(const lk_layer *a, double flops)
+{
+    int n = (int)a->threads;
+#ifdef _OPENMP
+    if (n < 1)
+        n = omp_get_max_threads();
+#else
+    n = 1;
+#endif
+    return flops < LK_SERIAL_FLOPS ? 1 : n;
+}
+
+/* Teams: two directions on two or more threads run side by side, each with half the threads;
+ * otherwise one team runs the directions one after the other. */
+typedef struct {
+    int teams, size;
+} lk_teams;
+
+static inline lk_teams lk_make_teams(int64_t D, int threads)
+{
+    lk_teams t = {1, threads};
+    if (D == 2 && threads >= 2) {
+        t.teams = 2;
+        t.size = threads / 2;
+    }
+    return t;
+}
+
+#endif
