@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstmkit
 from lstmkit import cli
 from lstmkit.explain import DEFAULT_CONFIG, Explanation, explain, live, parse_config
+from lstmkit.explain.model import Pitfall
 from lstmkit.spec import LSTMSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -91,7 +93,7 @@ def test_every_statement_is_checked_and_every_identity_marked(config: str, kwarg
 def _tensors(config: str, kwargs: dict, module: type) -> dict[str, Tensor]:
     """An independent run of ``module`` (lstmkit.LSTM or torch.nn.LSTM) on the described input,
     with every tensor the JSON names."""
-    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    from torch.nn.utils.rnn import pad_packed_sequence
 
     spec = parse_config(config)
     torch_args = {
@@ -357,3 +359,222 @@ def test_constructor_warnings_become_notes() -> None:
     e = explain("LSTM(4, 6, dropout=0.5)")
     assert len(e.notes) == 1 and "dropout=0.5 has no effect with num_layers=1" in e.notes[0]
     assert "  note: dropout=0.5 has no effect" in str(e)
+
+
+# --- teaching errors: every forward check names the configuration and the explain command --
+
+BI = {"input_size": 10, "hidden_size": 20, "num_layers": 2, "bidirectional": True}
+ERRORS_CASES = [
+    (BI, lambda m: m([1.0, 2.0]), TypeError),
+    (BI, lambda m: m(torch.zeros(1, 5, 3, 10)), ValueError),
+    (BI, lambda m: m(torch.zeros(5, 3, 10, dtype=torch.float64)), ValueError),
+    (BI, lambda m: m(torch.zeros(5, 3, 11)), RuntimeError),
+    (BI, lambda m: m(torch.zeros(0, 3, 10)), RuntimeError),
+    (BI, lambda m: m(torch.zeros(5, 3, 10), torch.zeros(4, 3, 20)), RuntimeError),
+    (BI, lambda m: m(torch.zeros(5, 3, 10), 3), TypeError),
+    (BI, lambda m: m(torch.zeros(5, 3, 10), (torch.zeros(4, 3, 20),) * 3), RuntimeError),
+    (
+        BI,
+        lambda m: m(torch.zeros(5, 3, 10), (torch.zeros(4, 20), torch.zeros(4, 20))),
+        RuntimeError,
+    ),
+    (BI, lambda m: m(torch.zeros(5, 3, 10), (torch.zeros(2, 3, 20),) * 2), RuntimeError),
+    (
+        BI,
+        lambda m: m(torch.zeros(5, 3, 10), (torch.zeros(4, 3, 20, dtype=torch.float64),) * 2),
+        RuntimeError,
+    ),
+    (BI, lambda m: m(torch.zeros(5, 3, 10), lengths=[5, 3]), ValueError),
+    (
+        {"input_size": 10, "hidden_size": 20, "proj_size": 5, "batch_first": True},
+        lambda m: m(pack_padded_sequence(torch.zeros(5, 3, 11), [5, 3, 2])),
+        RuntimeError,
+    ),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "call", "error"), ERRORS_CASES)
+def test_forward_errors_name_the_configuration_and_the_explain_command(
+    kwargs: dict, call, error: type[Exception]
+) -> None:
+    lstm = lstmkit.LSTM(**kwargs)
+    with pytest.raises(error) as raised:
+        call(lstm)
+    message = str(raised.value)
+    command = re.search(r'see every shape with: lstmkit explain "(.+)"\]$', message)
+    assert command, message
+    assert f"[{lstm.spec}; " in message
+    assert parse_config(command.group(1)) == lstm.spec
+    assert explain(command.group(1)).all_checked
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "states", "words"),
+    [
+        (BI, ((3, 4, 20), (3, 4, 20)), "looks batch-first (N, num_layers*D, H)"),
+        (BI, ((3, 4, 20), (3, 4, 20)), "pass h0.transpose(0, 1)"),
+        ({**BI, "proj_size": 5}, ((4, 3, 5), (4, 3, 5)), "c0 keeps hidden_size = 20 features"),
+        ({**BI, "proj_size": 5}, ((4, 3, 20), (4, 3, 20)), "h0 has proj_size = 5 features"),
+        (BI, ((4, 20), (4, 20)), "give them the batch dimension N"),
+    ],
+)
+def test_state_errors_say_what_was_likely_meant(kwargs: dict, states: tuple, words: str) -> None:
+    lstm = lstmkit.LSTM(**kwargs)
+    with pytest.raises(RuntimeError, match=re.escape(words)):
+        lstm(torch.zeros(5, 3, 10), tuple(torch.zeros(shape) for shape in states))
+
+
+def test_unbatched_states_error_says_batch_first_does_not_apply() -> None:
+    lstm = lstmkit.LSTM(10, 20, batch_first=True)
+    with pytest.raises(RuntimeError, match="one sequence \\(batch_first does not apply to it\\)"):
+        lstm(torch.zeros(5, 10), (torch.zeros(1, 1, 20), torch.zeros(1, 1, 20)))
+
+
+# --- the ten pitfalls: each shown on torch.nn.LSTM, and answered by explain, a helper or an error
+
+
+def pitfall(e: Explanation, number: int) -> Pitfall:
+    """Pitfall ``number`` of the explanation; it must apply and all its checks must hold."""
+    found = [p for p in e.pitfalls if p.number == number]
+    assert found, f"pitfall {number} not explained for {e.spec}"
+    assert all(c.status == "checked" for c in found[0].checks)
+    assert found[0].checks, f"pitfall {number} checks nothing"
+    return found[0]
+
+
+def applies(e: Explanation, number: int) -> bool:
+    numbers = [p.number for p in e.pitfalls]
+    assert sorted(numbers + [o.number for o in e.other_pitfalls]) == list(range(1, 11))
+    return number in numbers
+
+
+def oracle(**kwargs: object) -> torch.nn.LSTM:
+    torch.manual_seed(0)
+    return torch.nn.LSTM(**{"input_size": 10, "hidden_size": 20, **kwargs}).eval()
+
+
+@torch.no_grad()
+def test_pitfall_1_output_last_step_of_a_bidirectional_lstm() -> None:
+    output, (h_n, _) = oracle(num_layers=2, bidirectional=True)(torch.randn(5, 3, 10))
+    final = torch.cat([h_n[-2], h_n[-1]], dim=-1)
+    assert not torch.allclose(output[-1], final)
+    assert torch.equal(final, torch.cat([output[-1, :, :20], output[0, :, 20:]], dim=-1))
+    assert torch.equal(lstmkit.states.final_hidden(output, bidirectional=True), final)
+    p = pitfall(explain(), 1)
+    assert "final = torch.cat([h_n[-2], h_n[-1]], dim=-1)" in p.code
+    assert not applies(explain("LSTM(10, 20, num_layers=2)"), 1)
+
+
+@torch.no_grad()
+def test_pitfall_2_output_last_step_of_a_padded_batch() -> None:
+    lstm, x, lengths = oracle(), torch.randn(5, 3, 10), [2, 5, 3]
+    unpacked, _ = lstm(x)
+    packed, (h_n, _) = lstm(pack_padded_sequence(x, lengths, enforce_sorted=False))
+    assert not torch.allclose(unpacked[-1, 0], h_n[-1, 0])  # sequence 0 ran 3 padding steps
+    assert torch.equal(lstmkit.states.final_hidden(packed, bidirectional=False), h_n[-1])
+    p = pitfall(explain("LSTM(10, 20)", lengths=lengths), 2)
+    assert "lstmkit.states.final_hidden(output, bidirectional=False)" in p.code
+    assert not applies(explain("LSTM(10, 20)"), 2)
+
+
+@torch.no_grad()
+def test_pitfall_3_h_n_rows_are_layer_major() -> None:
+    _, (h_n, _) = oracle(num_layers=3, bidirectional=True)(torch.randn(5, 3, 10))
+    by_layer = h_n.view(3, 2, 3, 20)
+    named = lstmkit.states.layers(h_n, num_layers=3)
+    for layer in range(3):
+        for direction, name in enumerate(("forward", "backward")):
+            assert torch.equal(by_layer[layer, direction], h_n[2 * layer + direction])
+            assert torch.equal(named[layer, name], h_n[2 * layer + direction])
+    assert torch.equal(h_n[-1], named[2, "backward"])
+    p = pitfall(explain("LSTM(10, 20, num_layers=3, bidirectional=True)"), 3)
+    assert "h_n.view(3, 2, 3, 20)" in p.code and "h_n[-1] is the top layer's backward" in p.text
+    assert not applies(explain("LSTM(10, 20)"), 3)
+
+
+@torch.no_grad()
+def test_pitfall_4_batch_first_does_not_apply_to_states() -> None:
+    output, (h_n, c_n) = oracle(num_layers=2, batch_first=True)(torch.randn(3, 5, 10))
+    assert output.shape == (3, 5, 20) and h_n.shape == c_n.shape == (2, 3, 20)
+    lstm = lstmkit.LSTM(10, 20, num_layers=2, batch_first=True)
+    with pytest.raises(RuntimeError, match="batch_first does not apply to states"):
+        lstm(torch.randn(3, 5, 10), (torch.zeros(3, 2, 20), torch.zeros(3, 2, 20)))
+    p = pitfall(explain("LSTM(10, 20, num_layers=2)", batch_first=True), 4)
+    assert "h0_zeros = torch.zeros(2, 3, 20)  # not (3, 2, 20)" in p.code
+    assert not applies(explain("LSTM(10, 20, num_layers=2)"), 4)
+
+
+@torch.no_grad()
+def test_pitfall_5_output_is_the_top_layer_h_n_every_layer() -> None:
+    output, (h_n, _) = oracle(num_layers=2)(torch.randn(5, 3, 10))
+    assert torch.equal(output[-1], h_n[-1])
+    assert not any(torch.allclose(output[t], h_n[0]) for t in range(5))  # layer 0: h_n only
+    p = pitfall(explain("LSTM(10, 20, num_layers=2)"), 5)
+    assert "top_layer[0] == output[4]" in [c.statement for c in p.checks]
+    assert not applies(explain("LSTM(10, 20)"), 5)
+
+
+@torch.no_grad()
+def test_pitfall_6_swapped_axes_run_silently() -> None:
+    lstm = oracle()
+    batch_first_data = torch.randn(3, 5, 10)  # meant as 3 sequences of 5 steps
+    output, (h_n, _) = lstm(batch_first_data)  # no error: read as 5 sequences of 3 steps
+    assert output.shape == (3, 5, 20) and h_n.shape[1] == 5
+    p = pitfall(explain("LSTM(10, 20)", (5, 3, 10)), 6)
+    assert "x.shape[0] must be your number of steps (5)" in p.text
+    assert "lstm(x.transpose(0, 1))[0].shape == (3, 5, 20)" in [c.statement for c in p.checks]
+    assert not applies(explain("LSTM(10, 20)", unbatched=True), 6)
+
+
+@torch.no_grad()
+def test_pitfall_7_packing_lengths_order_and_true_last_steps() -> None:
+    lstm, x = oracle(bidirectional=True), torch.randn(5, 3, 10)
+    with pytest.raises(RuntimeError, match="enforce_sorted"):
+        pack_padded_sequence(x, [2, 5, 3])
+    _, (h_n, _) = lstm(pack_padded_sequence(x, torch.tensor([2, 5, 3]), enforce_sorted=False))
+    _, (alone, _) = lstm(x[:2, 0])
+    assert torch.allclose(h_n[:, 0], alone, atol=1e-6)
+    p = pitfall(explain("LSTM(10, 20, bidirectional=True)", lengths=[2, 5, 3]), 7)
+    assert "lengths on the CPU" in p.text and "enforce_sorted=False" in p.code
+    assert not applies(explain("LSTM(10, 20)"), 7)
+
+
+@torch.no_grad()
+def test_pitfall_8_projection_sizes_h_not_c() -> None:
+    output, (h_n, c_n) = oracle(proj_size=5)(torch.randn(5, 3, 10))
+    assert output.shape == (5, 3, 5) and h_n.shape == (1, 3, 5) and c_n.shape == (1, 3, 20)
+    with pytest.raises(RuntimeError, match="c0 keeps hidden_size = 20"):
+        lstmkit.LSTM(10, 20, proj_size=5)(torch.randn(5, 3, 10), (h_n, h_n))
+    p = pitfall(explain("LSTM(10, 20, proj_size=5)"), 8)
+    assert "torch.zeros(1, 3, 5), torch.zeros(1, 3, 20)" in p.code
+    assert not applies(explain("LSTM(10, 20)"), 8)
+
+
+@torch.no_grad()
+def test_pitfall_9_gate_order() -> None:
+    cell = torch.nn.LSTMCell(10, 20)
+    x, h, c = torch.randn(3, 10), torch.randn(3, 20), torch.randn(3, 20)
+    gates = x @ cell.weight_ih.T + cell.bias_ih + h @ cell.weight_hh.T + cell.bias_hh
+
+    def step(i: Tensor, f: Tensor, g: Tensor, o: Tensor) -> Tensor:
+        c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c1)
+
+    i, f, g, o = gates.chunk(4, dim=-1)
+    expected, _ = cell(x, (h, c))
+    assert torch.allclose(step(i, f, g, o), expected, atol=1e-6)
+    assert not torch.allclose(step(i, g, o, f), expected)  # read as ONNX's i, o, f, c
+    p = pitfall(explain("LSTM(10, 20)"), 9)
+    assert "i [0:20], f [20:40], g [40:60], o [60:80]" in p.text and "ONNX: i, o, f, c" in p.text
+
+
+@torch.no_grad()
+def test_pitfall_10_unbatched_input_ignores_batch_first() -> None:
+    lstm = oracle(batch_first=True, bidirectional=True)
+    sequence = torch.randn(5, 10)
+    output, (h_n, _) = lstm(sequence)
+    assert output.shape == (5, 40) and h_n.shape == (2, 20)
+    assert torch.allclose(output, lstm(sequence.unsqueeze(0))[0].squeeze(0))
+    p = pitfall(explain("LSTM(10, 20, batch_first=True)", unbatched=True), 10)
+    assert "batch_first=True is ignored" in p.text
+    assert not applies(explain("LSTM(10, 20)"), 10)

@@ -227,7 +227,7 @@ def _four_batch_first(s: Setting) -> Explained:
         f"message saying so."
     )
     code = (
-        f"h_zero = torch.zeros({', '.join(map(str, sizes))})  # not ({n}, {sizes[0]}, {sizes[2]})"
+        f"h0_zeros = torch.zeros({', '.join(map(str, sizes))})  # not ({n}, {sizes[0]}, {sizes[2]})"
     )
     checks = [
         s.check(

@@ -81,7 +81,9 @@ class Setting:
         else:
             index = (t, sequence)
         half = self.half(direction)
-        return index if half is None else (*index, half)
+        if half is not None:
+            return (*index, half)
+        return index[:-1] if index[-1] == ALL else index  # output[4], not output[4, :]
 
 
 def _dims(*pairs: tuple[str, int]) -> tuple[Dim, ...]:
