@@ -286,6 +286,12 @@ def run(args: argparse.Namespace) -> int:
         )
     print()
     print("\n".join(report.summary_lines(env, rows)))
+    # Measured again so that a change of the machine's load during the run shows.
+    end_peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
+    print(
+        f"sgemm peak at the end: {end_peak:.1f} GFLOP/s (start: {peak:.1f}); a large change "
+        f"means the machine's load changed during the run"
+    )
     failed = [f"{r.config.name} {r.mode}" for r in rows if r.failure is not None]
     if failed:
         print(f"checks FAILED, not timed: {', '.join(failed)}", file=sys.stderr)
