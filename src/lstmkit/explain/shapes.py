@@ -99,6 +99,8 @@ def shapes(s: Setting) -> tuple[tuple[Shape, ...], tuple[Check, ...]]:
     steps = ("L", batch.steps)
     time_batch = (sequences[0], steps) if spec.batch_first and sequences else (steps, *sequences)
     h0_note = "optional, like c0: zeros if omitted"
+    if getattr(spec, "learn_initial_state", False):  # an lstmkit extra
+        h0_note = "optional, like c0: the learned initial state if omitted"
     if spec.batch_first:
         h0_note += "; batch_first does not apply to h0, c0, h_n, c_n"
     halves = ""
