@@ -319,7 +319,9 @@ def _row(config: BenchConfig, ratio: float, mode: str = "inference") -> report.R
 
 
 def test_summary_names_the_missed_targets() -> None:
-    env = report.Environment("2026-01-01 00:00:00", "cpu", 2, 2, "t", "p", "l", "", "g", 100.0)
+    env = report.Environment(
+        "2026-01-01 00:00:00", "cpu", 2, 2, "t", "p", "l", "", "g", 100.0, load=0.1
+    )
     dense = [_row(BenchConfig(n, 10, 8, 16, 16), r) for n, r in (("a", 2.0), ("b", 1.2))]
     exception = _row(BenchConfig("stream-512", 100, 1, 256, 512), 0.96)
     latency = _row(BenchConfig("l", 5, 3, 10, 20, latency=True), 4.0)
@@ -334,3 +336,10 @@ def test_summary_names_the_missed_targets() -> None:
         "NOT MET: p failed its check"
     )
     assert "largest config stream-512 inference" in text
+
+
+def test_a_busy_machine_is_announced() -> None:
+    quiet = report.Environment("d", "cpu", 2, 2, "t", "p", "l", "", "g", 100.0, load=0.4)
+    assert report.busy_warning(quiet) is None
+    busy = report.Environment("d", "cpu", 2, 2, "t", "p", "l", "", "g", 100.0, load=3.0)
+    assert "load average 3.0 on 2 cores" in (report.busy_warning(busy) or "")

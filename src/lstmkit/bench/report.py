@@ -57,11 +57,12 @@ class Environment:
     git_sha: str
     grid: str
     sgemm_gflops: float
+    load: float  # 1-minute load average at the start, before the sgemm measurement
 
     def lines(self) -> list[str]:
         return [
             f"date {self.date}; machine {self.machine}, {self.cores} cores; "
-            f"torch threads {self.threads}",
+            f"torch threads {self.threads}; load average {self.load:.1f}",
             f"torch {self.torch_version}, python {self.python_version}, "
             f"lstmkit {self.lstmkit_version}, git {self.git_sha or '(not a checkout)'}",
             f"grid {self.grid}",
@@ -69,8 +70,9 @@ class Environment:
         ]
 
 
-def collect_environment(grid: str, sgemm_gflops: float) -> Environment:
-    """The current machine, versions and checkout, with the measured sgemm peak."""
+def collect_environment(grid: str, sgemm_gflops: float, load: float) -> Environment:
+    """The current machine, versions and checkout, with the measured sgemm peak and the load
+    average at the start."""
     return Environment(
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
         machine=cpu_model(),
@@ -82,6 +84,26 @@ def collect_environment(grid: str, sgemm_gflops: float) -> Environment:
         git_sha=git_sha(),
         grid=grid,
         sgemm_gflops=sgemm_gflops,
+        load=load,
+    )
+
+
+def load_average() -> float:
+    """The 1-minute load average: runnable processes, averaged (0 where unknown)."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return 0.0
+
+
+def busy_warning(env: Environment) -> str | None:
+    """A warning when other work already kept the cores busy at the start of the run."""
+    if env.load < 0.5 * env.cores:
+        return None
+    return (
+        f"warning: the machine is busy (load average {env.load:.1f} on {env.cores} cores): "
+        f"multi-threaded timings, torch's above all, can be many times slower than on a quiet "
+        f"machine; compare ratios from quiet runs"
     )
 
 
@@ -127,6 +149,7 @@ class Row:
     failure: str | None
     torch: Timing | None = None
     lstmkit: Timing | None = None
+    load: float | None = None  # 1-minute load average when the timing ended, this run included
 
     @property
     def flops(self) -> int:
@@ -150,13 +173,14 @@ class Row:
 
 CSV_COLUMNS = (
     "date", "machine", "cores", "threads", "torch_version", "python_version", "lstmkit_version",
-    "git_sha", "grid", "sgemm_gflops",
+    "git_sha", "grid", "sgemm_gflops", "start_load_avg",
     "config", "group", "seq_len", "batch", "input_size", "hidden_size", "num_layers",
     "bidirectional", "proj_size", "lengths", "mode", "backend", "check", "check_detail",
     "repeats", "torch_calls_per_sample", "lstmkit_calls_per_sample",
     "torch_p20_ms", "torch_p50_ms", "torch_p80_ms",
     "lstmkit_p20_ms", "lstmkit_p50_ms", "lstmkit_p80_ms",
     "ratio", "target_ratio", "gflop", "torch_gflops", "lstmkit_gflops", "lstmkit_peak_fraction",
+    "load_avg",
 )  # fmt: skip
 
 
@@ -167,7 +191,7 @@ def csv_record(env: Environment, row: Row) -> dict[str, object]:
         "date": env.date, "machine": env.machine, "cores": env.cores, "threads": env.threads,
         "torch_version": env.torch_version, "python_version": env.python_version,
         "lstmkit_version": env.lstmkit_version, "git_sha": env.git_sha, "grid": env.grid,
-        "sgemm_gflops": f"{env.sgemm_gflops:.2f}",
+        "sgemm_gflops": f"{env.sgemm_gflops:.2f}", "start_load_avg": f"{env.load:.2f}",
         "config": c.name, "group": c.group, "seq_len": c.seq_len, "batch": c.batch,
         "input_size": c.input_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
         "bidirectional": c.bidirectional, "proj_size": c.proj_size,
@@ -187,6 +211,8 @@ def csv_record(env: Environment, row: Row) -> dict[str, object]:
     if row.ratio is not None and lstmkit_gflops is not None:
         record["ratio"] = f"{row.ratio:.4g}"
         record["lstmkit_peak_fraction"] = f"{lstmkit_gflops / env.sgemm_gflops:.4g}"
+    if row.load is not None:
+        record["load_avg"] = f"{row.load:.2f}"
     return {column: record.get(column, "") for column in CSV_COLUMNS}
 
 
@@ -221,7 +247,7 @@ def table_header(name_width: int = 16) -> str:
     return (
         f"{'config':<{name_width}} {'mode':<9} {'check':<6} {'torch ms p50 [p20, p80]':>26} "
         f"{'lstmkit ms p50 [p20, p80]':>26} {'ratio':>7} {'target':>10} "
-        f"{'torch GF/s':>10} {'lstmkit GF/s':>12} {'peak':>5}"
+        f"{'torch GF/s':>10} {'lstmkit GF/s':>12} {'peak':>5} {'load':>5}"
     )
 
 
@@ -237,7 +263,7 @@ def table_line(env: Environment, row: Row, name_width: int = 16) -> str:
     return (
         f"{start} {'ok':<6} {_times(row.torch):>26} {_times(row.lstmkit):>26} "
         f"{ratio:>6.2f}x {target:>10} {torch_gflops:>10.1f} {lstmkit_gflops:>12.1f} "
-        f"{lstmkit_gflops / env.sgemm_gflops:>5.0%}"
+        f"{lstmkit_gflops / env.sgemm_gflops:>5.0%} {row.load or math.nan:>5.1f}"
     )
 
 

@@ -114,7 +114,8 @@ def bench_config(
     if timed_backend != backend:
         # The timed calls took another path than the checked ones: say so rather than hide it.
         backend = f"{timed_backend} (checked: {backend})"
-    return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"])
+    load = report.load_average()
+    return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"], load)
 
 
 def _backend_used(work: Callable[[], T]) -> tuple[T, str]:
@@ -271,10 +272,14 @@ def run(args: argparse.Namespace) -> int:
     if args.backend is not None:
         os.environ[backends.BACKEND_ENV] = args.backend
 
+    load = report.load_average()
     print(f"measuring the sgemm peak ({settings.peak_size}^3)...", flush=True)
     peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
-    env = report.collect_environment(str(grid_path), peak)
+    env = report.collect_environment(str(grid_path), peak, load)
     print("\n".join(env.lines()))
+    busy = report.busy_warning(env)
+    if busy is not None:
+        print(busy)
     forced = backends.forced_name()
     print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
     print(report.FLOP_CONVENTION)
