@@ -385,13 +385,18 @@ def _legend(items: list[Box | Line | Label], e: Explanation, y: float) -> tuple[
         ("top", f"top layer: its h at step t is {at_t}{halves}"),
         (
             "lower",
-            "lower layers: their h at step t (directions joined) is the next layer's input at "
-            "step t; only their last step is kept, in h_n",
+            "lower layers: their h at step t"
+            + (" (both directions, joined)" if e.spec.bidirectional else "")
+            + " is the next layer's input at step t; only their last step is kept, in h_n",
         ),
         (
             "final",
-            f"the cell whose h and c become h_n[k] and c_n[k] (forward: {forward_end}; "
-            f"backward: t = 0)",
+            "the cell whose h and c become h_n[k] and c_n[k] ("
+            + (
+                f"forward: {forward_end}; backward: t = 0)"
+                if e.spec.bidirectional
+                else f"{forward_end})"
+            ),
         ),
         ("same", f"a top-layer row's end is in both output and h_n: {shown}"),
     ]
@@ -402,12 +407,21 @@ def _legend(items: list[Box | Line | Label], e: Explanation, y: float) -> tuple[
     width = 0.0
     for kind, text in entries:
         sx, sy = MARGIN, y
-        if kind == "top":
-            items.append(Box(sx, sy, 13, 12, CELL_FILL[True, 0], radius=2, role="key"))
-            items.append(Box(sx + 14, sy, 13, 12, CELL_FILL[True, 1], radius=2, role="key"))
-        elif kind == "lower":
-            items.append(Box(sx, sy, 13, 12, CELL_FILL[False, 0], radius=2, role="key"))
-            items.append(Box(sx + 14, sy, 13, 12, CELL_FILL[False, 1], radius=2, role="key"))
+        if kind in ("top", "lower"):
+            # One swatch per direction, in the colours of that kind of cell.
+            for d in range(e.spec.num_directions):
+                fill = CELL_FILL[kind == "top", d]
+                items.append(
+                    Box(
+                        sx + 14 * d,
+                        sy,
+                        13 if d or e.spec.bidirectional else 27,
+                        12,
+                        fill,
+                        radius=2,
+                        role="key",
+                    )
+                )
         elif kind == "final":
             items.append(Box(sx, sy, 27, 12, WHITE, FINAL, 2.0, 2, role="key"))
         elif kind == "same":
