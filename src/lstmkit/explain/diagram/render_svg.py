@@ -60,7 +60,7 @@ def _label(label: Label) -> str:
     weight = ' font-weight="bold"' if label.bold else ""
     return (
         f'<text x="{_n(label.x)}" y="{_n(label.y)}" font-size="{_n(label.size)}" '
-        f'fill="{label.fill}" text-anchor="{label.anchor}" dominant-baseline="central"{weight}>'
+        f'fill="{label.fill}" text-anchor="{label.anchor}" dy="0.35em"{weight}>'
         f"{escape(label.text)}</text>"
     )
 

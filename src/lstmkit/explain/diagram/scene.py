@@ -62,7 +62,7 @@ class Line:
 @dataclass(frozen=True)
 class Label:
     x: float
-    y: float  # the text's vertical centre
+    y: float  # the text's vertical centre (SVG shifts the baseline by 0.35em to put it there)
     text: str
     size: float = 12.0
     fill: str = INK
