@@ -308,6 +308,7 @@ def test_parse_never_evaluates(tmp_path: Path) -> None:
 
 
 def test_explain_takes_a_spec_or_a_module() -> None:
+    assert lstmkit.explain is explain
     expected = explain("LSTM(4, 6, num_layers=2, proj_size=3)").to_dict()
     assert explain(LSTMSpec(4, 6, num_layers=2, proj_size=3)).to_dict() == expected
     assert explain(lstmkit.LSTM(4, 6, num_layers=2, proj_size=3)).to_dict() == expected

@@ -157,6 +157,7 @@ class Explanation:
         raise KeyError(f"no shape named {tensor!r}; known: {[s.tensor for s in self.shapes]}")
 
     def to_dict(self) -> dict[str, object]:
+        # Imported here: the renderer imports this module.
         from lstmkit.explain.text import to_dict
 
         return to_dict(self)

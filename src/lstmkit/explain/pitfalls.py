@@ -2,7 +2,7 @@
 
 Each pitfall's code runs after the live check's script (see :mod:`.live`) and after the code
 of the pitfalls before it; it rebinds a script's name only to an equal value (``packed`` in
-pitfall 7), so the statements hold whatever a reader pastes first.
+pitfall 7), so every statement holds once all the code has run.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ Explained = tuple[str, str, tuple[Check, ...]]  # text, code, checks
 
 @dataclass(frozen=True)
 class Rule:
+    """One pitfall: when it applies to a setting, and how it is explained and checked there."""
+
     number: int
     title: str
     applies: Callable[[Setting], bool]
