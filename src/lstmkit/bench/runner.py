@@ -289,14 +289,15 @@ def run(args: argparse.Namespace) -> int:
         rows = run_benchmark(
             configs, env, settings, out=lambda line: print(line, flush=True), on_row=csv_file.write
         )
-    print()
-    print("\n".join(report.summary_lines(env, rows)))
-    # Measured again so that a change of the machine's load during the run shows.
+    # Measured again so that a change of the machine's load during the run shows; the targets
+    # are judged against the higher of the two, the stricter peak.
     end_peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
     print(
-        f"sgemm peak at the end: {end_peak:.1f} GFLOP/s (start: {peak:.1f}); a large change "
+        f"\nsgemm peak at the end: {end_peak:.1f} GFLOP/s (start: {peak:.1f}); a large change "
         f"means the machine's load changed during the run"
     )
+    summary_env = replace(env, sgemm_gflops=max(peak, end_peak))
+    print("\n".join(report.summary_lines(summary_env, rows)))
     failed = [f"{r.config.name} {r.mode}" for r in rows if r.failure is not None]
     if failed:
         print(f"checks FAILED, not timed: {', '.join(failed)}", file=sys.stderr)
