@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmkit import backends, checks
-from lstmkit.reference import LayerWeights
+from lstmkit.reference import NO_VARIANT, LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 
 State = tuple[Tensor, Tensor]
@@ -49,6 +49,7 @@ def lstm(
     lengths: Tensor | list[int] | tuple[int, ...] | int | None = None,
     initial_state: State | None = None,
     sequences: bool = False,
+    variants: list[list[Variant]] | None = None,
 ) -> Result:
     """Run a stacked LSTM exactly as ``torch.nn.LSTM.forward`` does, plus lstmkit's extras.
 
@@ -64,6 +65,8 @@ def lstm(
         initial_state: ``(h, c)`` of shapes (num_layers*D, H_out) and (num_layers*D, H_cell)
             used for every sequence when ``hx`` is not given (zeros when ``None``).
         sequences: also return every layer's h and c at every step.
+        variants: the variants' parameters as ``variants[layer][direction]`` (layer norm,
+            peepholes); the noise of the others is drawn here from ``spec``'s probabilities.
     """
     weight_dtype = weights[0][0].weight_ih.dtype
     if isinstance(input, PackedSequence):
@@ -72,7 +75,9 @@ def lstm(
                 "lengths= is for a padded batch; a PackedSequence already carries its lengths"
                 + checks.hint(spec)
             )
-        return _packed(input, hx, spec, weights, training, weight_dtype, initial_state, sequences)
+        return _packed(
+            input, hx, spec, weights, training, weight_dtype, initial_state, sequences, variants
+        )
     x = checks.check_input(input, spec, weight_dtype)
     batched = x.dim() == 3
     if not batched:
@@ -92,7 +97,9 @@ def lstm(
             order = order.to(x.device)
             x = x.index_select(1, order)
             h0, c0 = h0.index_select(1, order), c0.index_select(1, order)
-    out, h_n, c_n, per_layer = run_stack(x, h0, c0, spec, weights, training, lengths, sequences)
+    out, h_n, c_n, per_layer = run_stack(
+        x, h0, c0, spec, weights, training, lengths, sequences, variants
+    )
 
     def to_caller(t: Tensor, sequence: bool = True) -> Tensor:
         """Back to the caller's batch order and layout; batch_first applies to sequences only."""
@@ -120,6 +127,7 @@ def _packed(
     weight_dtype: torch.dtype,
     initial_state: State | None,
     sequences: bool,
+    variants: list[list[Variant]] | None,
 ) -> Result:
     data = checks.check_packed_data(packed.data, spec, weight_dtype)
     batch_sizes = packed.batch_sizes
@@ -132,7 +140,9 @@ def _packed(
     else:
         h0, c0 = default_states(spec, batch, data, initial_state)
     x, lengths, flat_index = unpack(data, batch_sizes)
-    out, h_n, c_n, per_layer = run_stack(x, h0, c0, spec, weights, training, lengths, sequences)
+    out, h_n, c_n, per_layer = run_stack(
+        x, h0, c0, spec, weights, training, lengths, sequences, variants
+    )
 
     def repack(t: Tensor) -> PackedSequence:
         rows = t.reshape(-1, t.shape[-1]).index_select(0, flat_index)
@@ -202,6 +212,7 @@ def run_stack(
     training: bool,
     lengths: Tensor | None,
     sequences: bool = False,
+    variants: list[list[Variant]] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[tuple[Tensor, Tensor]] | None]:
     """Every layer on canonical tensors. Shape: x (L, N, H_in), h0 (num_layers*D, N, H_out),
     c0 (num_layers*D, N, H_cell) -> output (L, N, D*H_out), h_n and c_n like h0 and c0, and
@@ -219,6 +230,7 @@ def run_stack(
         bidirectional=spec.bidirectional,
         proj=spec.proj_size > 0,
         variable_lengths=lengths is not None,
+        variants=spec.step_variants(training),
     )
     backend = backends.choose(request)
     directions = spec.num_directions
@@ -229,8 +241,14 @@ def run_stack(
     h0, c0 = h0.contiguous(), c0.contiguous()
     for layer, layer_weights in enumerate(weights):
         rows = slice(layer * directions, (layer + 1) * directions)
+        if training and spec.weight_dropout > 0:
+            layer_weights = [_drop_weights(w, spec.weight_dropout) for w in layer_weights]
+        extra = {}
+        if request.variants:
+            layer_variants = variants[layer] if variants else [NO_VARIANT] * directions
+            extra["variants"] = _with_noise(layer_variants, spec, training, x.shape[:2], x)
         out, h, c, *cells = backend.run_layer(
-            layer_input, h0[rows], c0[rows], layer_weights, lengths, sequences
+            layer_input, h0[rows], c0[rows], layer_weights, lengths, sequences, **extra
         )
         h_n.append(h)
         c_n.append(c)
@@ -240,3 +258,38 @@ def run_stack(
             out = F.dropout(out, spec.dropout, training=True)
         layer_input = out
     return layer_input, torch.cat(h_n), torch.cat(c_n), per_layer if sequences else None
+
+
+def _drop_weights(weights: LayerWeights, p: float) -> LayerWeights:
+    """Weight drop: W_hh times one fresh DropConnect mask scaled by 1/(1-p); the parameter
+    itself is untouched and receives the masked gradient."""
+    keep = torch.empty_like(weights.weight_hh).bernoulli_(1 - p).div_(1 - p)  # (4H, P)
+    return weights._replace(weight_hh=weights.weight_hh * keep)
+
+
+def _with_noise(
+    layer_variants: list[Variant],
+    spec: LSTMSpec,
+    training: bool,
+    steps_batch: tuple[int, int],
+    like: Tensor,
+) -> list[Variant]:
+    """Each direction's variant with this call's masks drawn from torch's RNG: recurrent
+    dropout (N, H_out) per sequence, zoneout (L, N, H) 0/1 keep-masks per step in training;
+    in evaluation zoneout is its probability (the expectation) and dropout is off."""
+    steps, batch = steps_batch
+    noisy = []
+    for variant in layer_variants:
+        if training and spec.recurrent_dropout > 0:
+            p = spec.recurrent_dropout
+            mask = like.new_empty(batch, spec.h_size).bernoulli_(1 - p).div_(1 - p)
+            variant = variant._replace(recurrent_mask=mask)
+        for name, z, size in (
+            ("zoneout_cell", spec.zoneout_cell, spec.hidden_size),
+            ("zoneout_hidden", spec.zoneout_hidden, spec.h_size),
+        ):
+            if z > 0:
+                keep = like.new_empty(steps, batch, size).bernoulli_(z) if training else z
+                variant = variant._replace(**{name: keep})
+        noisy.append(variant)
+    return noisy

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from lstmkit import functional, reference
-from lstmkit.reference import LayerWeights
+from lstmkit.reference import LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 from lstmkit.streaming import Stream
 
@@ -69,6 +69,20 @@ class LSTM(nn.Module):
             backward direction, initialised to zero.
         forget_bias: if given, the forget gate's slice of ``bias_ih`` is set to this value and
             that of ``bias_hh`` to zero at init, so their sum is ``forget_bias``.
+        layer_norm: layer-normalise the input and recurrent pre-activations and the cell state
+            shown in h (Ba et al. 2016); adds ``ln_weight_ih_l{k}``, ``ln_bias_ih_l{k}``,
+            ``ln_weight_hh_l{k}``, ``ln_bias_hh_l{k}`` (4*H_cell,) and ``ln_weight_c_l{k}``,
+            ``ln_bias_c_l{k}`` (H_cell,): gains start at 1, shifts at 0.
+        recurrent_dropout: variational dropout on h before ``W_hh`` in training, one mask per
+            sequence, layer and direction (Gal and Ghahramani 2016).
+        weight_dropout: DropConnect on ``W_hh`` in training, one mask per call (AWD-LSTM,
+            Merity et al. 2017); the stored parameter is never modified.
+        zoneout_cell, zoneout_hidden: each unit of c (h) keeps its previous value with this
+            probability in training, and the expectation is used in evaluation (Krueger et al.
+            2016).
+        peepholes: i and f see c_{t-1}, o sees c_t, through ``weight_peephole_l{k}``
+            (3*H_cell,: w_ci, w_cf, w_co), initialised like the other weights (Gers and
+            Schmidhuber 2000).
 
     ``forward`` also takes ``lengths=`` (a padded batch's valid lengths, see :meth:`forward`);
     :meth:`forward_all` returns every layer's h and c sequences; :meth:`stream` runs a long
@@ -90,6 +104,12 @@ class LSTM(nn.Module):
         *,
         learn_initial_state: bool = False,
         forget_bias: float | None = None,
+        layer_norm: bool = False,
+        recurrent_dropout: float = 0.0,
+        weight_dropout: float = 0.0,
+        zoneout_cell: float = 0.0,
+        zoneout_hidden: float = 0.0,
+        peepholes: bool = False,
     ) -> None:
         super().__init__()
         spec = LSTMSpec(
@@ -103,6 +123,12 @@ class LSTM(nn.Module):
             proj_size,
             learn_initial_state,
             forget_bias,
+            layer_norm,
+            recurrent_dropout,
+            weight_dropout,
+            zoneout_cell,
+            zoneout_hidden,
+            peepholes,
         )
         if spec.dropout > 0 and num_layers == 1:
             warnings.warn(
@@ -133,19 +159,37 @@ class LSTM(nn.Module):
                     names.append(kind + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        for name, size in self._variant_shapes().items():
+            setattr(self, name, nn.Parameter(torch.empty(size, **factory)))
         if learn_initial_state:
             for name in self._initial_state_names():
                 size = spec.h_size if name.startswith("h") else hidden_size
                 setattr(self, name, nn.Parameter(torch.empty(size, **factory)))
         self.reset_parameters()
 
-    def _initial_state_names(self) -> list[str]:
-        """``h0_l{k}[_reverse]`` then ``c0_l{k}[_reverse]``, rows in h_n's order."""
-        suffixes = [
+    def _suffixes(self) -> list[str]:
+        """``_l{k}`` and ``_l{k}_reverse`` in h_n's row order."""
+        return [
             f"_l{layer}" + ("_reverse" if d == 1 else "")
-            for layer in range(self.num_layers)
+            for layer in range(self.spec.num_layers)
             for d in range(self.spec.num_directions)
         ]
+
+    def _variant_shapes(self) -> dict[str, int]:
+        """Names and sizes of the variants' parameters, per layer and direction."""
+        hidden = self.spec.hidden_size
+        kinds: dict[str, int] = {}
+        if self.spec.layer_norm:
+            kinds |= {"ln_weight_ih": 4 * hidden, "ln_bias_ih": 4 * hidden}
+            kinds |= {"ln_weight_hh": 4 * hidden, "ln_bias_hh": 4 * hidden}
+            kinds |= {"ln_weight_c": hidden, "ln_bias_c": hidden}
+        if self.spec.peepholes:
+            kinds["weight_peephole"] = 3 * hidden
+        return {kind + suffix: size for suffix in self._suffixes() for kind, size in kinds.items()}
+
+    def _initial_state_names(self) -> list[str]:
+        """``h0_l{k}[_reverse]`` then ``c0_l{k}[_reverse]``, rows in h_n's order."""
+        suffixes = self._suffixes()
         return [f"h0{s}" for s in suffixes] + [f"c0{s}" for s in suffixes]
 
     # torch's configuration attributes, read from (and written through) the validated spec.
@@ -159,14 +203,26 @@ class LSTM(nn.Module):
     proj_size = _spec_field("proj_size")
     learn_initial_state = _spec_field("learn_initial_state")
     forget_bias = _spec_field("forget_bias")
+    layer_norm = _spec_field("layer_norm")
+    recurrent_dropout = _spec_field("recurrent_dropout")
+    weight_dropout = _spec_field("weight_dropout")
+    zoneout_cell = _spec_field("zoneout_cell")
+    zoneout_hidden = _spec_field("zoneout_hidden")
+    peepholes = _spec_field("peepholes")
 
     def reset_parameters(self) -> None:
         """torch's init: every weight and bias from U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)),
-        in torch's order; then ``forget_bias`` and zero learned initial states, if any."""
+        in torch's order; then the variants' parameters (peepholes like the weights, layer-norm
+        gains 1 and shifts 0), ``forget_bias`` and zero learned initial states, if any."""
         bound = 1.0 / math.sqrt(self.hidden_size)
         for name in self._flat_weights_names:
             nn.init.uniform_(getattr(self, name), -bound, bound)
         with torch.no_grad():
+            for name in self._variant_shapes():
+                if name.startswith("weight_peephole"):
+                    nn.init.uniform_(getattr(self, name), -bound, bound)
+                else:
+                    getattr(self, name).fill_(1.0 if name.startswith("ln_weight") else 0.0)
             if self.spec.learn_initial_state:
                 for name in self._initial_state_names():
                     getattr(self, name).zero_()
@@ -193,6 +249,21 @@ class LSTM(nn.Module):
                 for d in range(directions)
             ]
             for layer in range(self.num_layers)
+        ]
+
+    def layer_variants(self) -> list[list[Variant]] | None:
+        """The variants' parameters as ``variants[layer][direction]``, or ``None`` if the
+        configuration has no layer norm and no peepholes."""
+        if not (self.spec.layer_norm or self.spec.peepholes):
+            return None
+        get = self.__dict__["_parameters"].get
+        suffixes = iter(self._suffixes())
+        return [
+            [
+                Variant(*(get(kind + suffix) for kind in Variant._fields[:7]))
+                for suffix in (next(suffixes) for _ in range(self.spec.num_directions))
+            ]
+            for _ in range(self.spec.num_layers)
         ]
 
     def _direction_weights(self, suffix: str) -> LayerWeights:
@@ -256,6 +327,7 @@ class LSTM(nn.Module):
             lengths=lengths,
             initial_state=self.initial_state(),
             sequences=sequences,
+            variants=self.layer_variants(),
         )
 
     def stream(self) -> Stream:

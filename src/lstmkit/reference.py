@@ -18,6 +18,28 @@ previous cell state ``c_{t-1}``::
 ``weight_ih`` stacks ``W_ii, W_if, W_ig, W_io`` row-wise (gate order i, f, g, o), and likewise
 ``weight_hh`` and the two biases, exactly as ``torch.nn.LSTM`` stores them.
 
+Variants (options of this one step, all off by default; ``Variant`` carries their parameters
+and noise, drawn by the layout layer from torch's RNG so every backend sees the same masks):
+
+- Layer norm (Ba, Kiros and Hinton 2016, "Layer Normalization", arXiv:1607.06450, section
+  3.1 and the LSTM equations of section 6): the pre-activation is
+  ``LN(W_ih x; g_ih, b_ih') + LN(W_hh h; g_hh, b_hh') + bias_ih + bias_hh``, each LN over the
+  whole 4H vector, and ``h_t = o_t * tanh(LN(c_t; g_c, b_c))``; c_t itself is not normalised.
+  ``LN(v; g, b) = g * (v - mean(v)) / sqrt(var(v) + 1e-5) + b`` with the biased variance.
+- Recurrent dropout (Gal and Ghahramani 2016, "A Theoretically Grounded Application of Dropout
+  in Recurrent Neural Networks", arXiv:1512.05287): ``W_hh (m * h_{t-1})`` with one mask m per
+  sequence, drawn once per call and scaled by 1/(1-p).
+- Weight drop (Merity, Keskar and Socher 2017, "Regularizing and Optimizing LSTM Language
+  Models", arXiv:1708.02182): DropConnect on W_hh, one mask per call; applied to the weight
+  before this module sees it.
+- Zoneout (Krueger et al. 2016, "Zoneout: Regularizing RNNs by Randomly Preserving Hidden
+  Activations", arXiv:1606.01305): ``c_t = d_c * c_{t-1} + (1 - d_c) * c_t'`` and likewise for
+  h with d_h, where d is a fresh 0/1 mask per step in training (1 keeps the previous value) and
+  the probability z itself in evaluation (the expectation).
+- Peepholes (Gers and Schmidhuber 2000, "Recurrent Nets that Time and Count", IJCNN): the
+  pre-activations of i and f add ``w_ci * c_{t-1}`` and ``w_cf * c_{t-1}``, that of o adds
+  ``w_co * c_t``, with diagonal weights ``weight_peephole = [w_ci; w_cf; w_co]`` (3H,).
+
 Variable lengths: sequence ``b`` is valid for steps ``t < lengths[b]``. At a padded step its
 state is carried unchanged and its output is zero, so the forward direction ends with the state
 of its own last valid step, and the backward direction (which walks ``t = L-1, ..., 0``) starts
@@ -44,30 +66,91 @@ class LayerWeights(NamedTuple):
     weight_hr: Tensor | None  # (P, H), only with proj_size > 0
 
 
-def lstm_cell(
-    gates_x: Tensor, h: Tensor, c: Tensor, weights: LayerWeights
-) -> tuple[Tensor, Tensor]:
-    """One LSTM step from the already projected input ``gates_x = W_ih x + b_ih``.
+class Variant(NamedTuple):
+    """The variants' parameters and noise for one layer in one direction; ``None`` (or 0) is
+    off. Layer norm is on when its gains are given, peepholes when their weights are."""
 
-    Shape: gates_x (N, 4H), h (N, P), c (N, H) -> h' (N, P), c' (N, H).
+    ln_weight_ih: Tensor | None = None  # (4H,) gain of LN(W_ih x)
+    ln_bias_ih: Tensor | None = None  # (4H,) shift of LN(W_ih x)
+    ln_weight_hh: Tensor | None = None  # (4H,) gain of LN(W_hh h)
+    ln_bias_hh: Tensor | None = None  # (4H,)
+    ln_weight_c: Tensor | None = None  # (H,) gain of LN(c)
+    ln_bias_c: Tensor | None = None  # (H,)
+    weight_peephole: Tensor | None = None  # (3H,) w_ci, w_cf, w_co
+    recurrent_mask: Tensor | None = None  # (N, P) scaled dropout mask on h_{t-1}
+    zoneout_cell: Tensor | float = 0.0  # (L, N, H) 0/1 masks (training) or z_c (evaluation)
+    zoneout_hidden: Tensor | float = 0.0  # (L, N, P) likewise for h
+
+
+LAYER_NORM_EPS = 1e-5
+NO_VARIANT = Variant()
+
+
+def layer_norm(v: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """LN over the last dimension with gain ``weight`` and shift ``bias``. Shape kept."""
+    mean = v.mean(dim=-1, keepdim=True)
+    var = v.var(dim=-1, unbiased=False, keepdim=True)
+    return (v - mean) * torch.rsqrt(var + LAYER_NORM_EPS) * weight + bias
+
+
+def lstm_cell(
+    gates_x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    weights: LayerWeights,
+    variant: Variant = NO_VARIANT,
+    step: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """One LSTM step from the already projected input (see :func:`project_input`).
+
+    ``step`` selects this step's zoneout masks. Shape: gates_x (N, 4H), h (N, P), c (N, H) ->
+    h' (N, P), c' (N, H).
     """
-    gates = gates_x + h @ weights.weight_hh.t()  # (N, 4H)
+    h_in = h if variant.recurrent_mask is None else h * variant.recurrent_mask  # (N, P)
+    recurrent = h_in @ weights.weight_hh.t()  # (N, 4H)
+    if variant.ln_weight_hh is not None:
+        recurrent = layer_norm(recurrent, variant.ln_weight_hh, variant.ln_bias_hh)
+    gates = gates_x + recurrent  # (N, 4H)
     if weights.bias_hh is not None:
         gates = gates + weights.bias_hh  # (N, 4H)
     i, f, g, o = gates.chunk(4, dim=1)  # 4 x (N, H)
+    if variant.weight_peephole is not None:
+        w_ci, w_cf, w_co = variant.weight_peephole.chunk(3)  # 3 x (H,)
+        i, f = i + w_ci * c, f + w_cf * c  # (N, H)
     c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)  # (N, H)
-    h_next = torch.sigmoid(o) * torch.tanh(c_next)  # (N, H)
+    if variant.weight_peephole is not None:
+        o = o + w_co * c_next  # (N, H)
+    c_shown = c_next
+    if variant.ln_weight_c is not None:
+        c_shown = layer_norm(c_next, variant.ln_weight_c, variant.ln_bias_c)  # (N, H)
+    h_next = torch.sigmoid(o) * torch.tanh(c_shown)  # (N, H)
     if weights.weight_hr is not None:
         h_next = h_next @ weights.weight_hr.t()  # (N, P)
+    c_next = _zoneout(c_next, c, variant.zoneout_cell, step)  # (N, H)
+    h_next = _zoneout(h_next, h, variant.zoneout_hidden, step)  # (N, P)
     return h_next, c_next
 
 
-def project_input(x: Tensor, weights: LayerWeights) -> Tensor:
-    """``W_ih x + b_ih`` for every step at once. Shape: x (..., I) -> (..., 4H)."""
-    if weights.bias_ih is None:
-        return x @ weights.weight_ih.t()
-    flat = torch.addmm(weights.bias_ih, x.reshape(-1, x.shape[-1]), weights.weight_ih.t())
-    return flat.view(*x.shape[:-1], weights.weight_ih.shape[0])
+def _zoneout(new: Tensor, previous: Tensor, keep: Tensor | float, step: int) -> Tensor:
+    """``keep * previous + (1 - keep) * new``: keep is step ``step`` of 0/1 masks, or z."""
+    if isinstance(keep, Tensor):
+        return torch.lerp(new, previous, keep[step])
+    if keep == 0.0:
+        return new
+    return torch.lerp(new, previous, keep)
+
+
+def project_input(x: Tensor, weights: LayerWeights, variant: Variant = NO_VARIANT) -> Tensor:
+    """``W_ih x + b_ih`` (or ``LN(W_ih x) + b_ih``) for every step at once.
+
+    Shape: x (..., I) -> (..., 4H).
+    """
+    gates = x @ weights.weight_ih.t()  # (..., 4H)
+    if variant.ln_weight_ih is not None:
+        gates = layer_norm(gates, variant.ln_weight_ih, variant.ln_bias_ih)
+    if weights.bias_ih is not None:
+        gates = gates + weights.bias_ih
+    return gates
 
 
 def lstm_direction(
@@ -78,6 +161,7 @@ def lstm_direction(
     reverse: bool = False,
     lengths: Tensor | None = None,
     cell_sequence: bool = False,
+    variant: Variant = NO_VARIANT,
 ) -> tuple[Tensor, ...]:
     """Run one layer in one direction over a time-major batch.
 
@@ -89,19 +173,20 @@ def lstm_direction(
         reverse: walk the sequence from its end (the backward direction).
         lengths: optional (N,) int64 valid lengths on x's device; ``None`` means all are L.
         cell_sequence: also return the cell state of every step.
+        variant: the variants' parameters and noise for this layer and direction.
 
     Returns:
         output (L, N, P) with zeros at padded steps, h_n (N, P), c_n (N, H), and with
         ``cell_sequence`` the cells (L, N, H), zeros at padded steps.
     """
     steps = x.shape[0]
-    gates_x = project_input(x, weights)  # (L, N, 4H)
+    gates_x = project_input(x, weights, variant)  # (L, N, 4H)
     h, c = h0, c0  # (N, P), (N, H)
     outputs: list[Tensor] = [h0] * steps
     cells: list[Tensor] = [c0] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
-        h_next, c_next = lstm_cell(gates_x[t], h, c, weights)  # (N, P), (N, H)
+        h_next, c_next = lstm_cell(gates_x[t], h, c, weights, variant, t)  # (N, P), (N, H)
         if lengths is None:
             h, c = h_next, c_next
             outputs[t], cells[t] = h_next, c_next
@@ -124,14 +209,16 @@ def lstm_layer(
     weights: list[LayerWeights],
     lengths: Tensor | None = None,
     cell_sequence: bool = False,
+    variants: list[Variant] | None = None,
 ) -> tuple[Tensor, ...]:
     """Run one layer in every direction (forward first, then backward).
 
     Shape: x (L, N, I), h0 (D, N, P), c0 (D, N, H) -> output (L, N, D*P), h_n (D, N, P),
     c_n (D, N, H), and with ``cell_sequence`` the cells (L, N, D*H).
     """
+    variants = variants or [NO_VARIANT] * len(weights)
     results = [
-        lstm_direction(x, h0[d], c0[d], w, d == 1, lengths, cell_sequence)
+        lstm_direction(x, h0[d], c0[d], w, d == 1, lengths, cell_sequence, variants[d])
         for d, w in enumerate(weights)
     ]
     layer = (

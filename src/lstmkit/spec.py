@@ -26,6 +26,12 @@ class LSTMSpec:
     proj_size: int = 0
     learn_initial_state: bool = False
     forget_bias: float | None = None
+    layer_norm: bool = False
+    recurrent_dropout: float = 0.0
+    weight_dropout: float = 0.0
+    zoneout_cell: float = 0.0
+    zoneout_hidden: float = 0.0
+    peepholes: bool = False
 
     def __post_init__(self) -> None:
         _check_size("input_size", self.input_size)
@@ -66,10 +72,9 @@ class LSTMSpec:
                 f"hidden_size={self.hidden_size}, got proj_size={self.proj_size}"
             )
 
-        if not isinstance(self.learn_initial_state, bool):
-            raise TypeError(
-                f"learn_initial_state should be True or False, got {self.learn_initial_state!r}"
-            )
+        for name in ("learn_initial_state", "layer_norm", "peepholes"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} should be True or False, got {getattr(self, name)!r}")
         if self.forget_bias is not None:
             if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, numbers.Real):
                 raise TypeError(f"forget_bias should be a number or None, got {self.forget_bias!r}")
@@ -79,6 +84,24 @@ class LSTMSpec:
                     f"gives the LSTM no bias: use bias=True or drop forget_bias"
                 )
             object.__setattr__(self, "forget_bias", float(self.forget_bias))
+        # A dropout of 1 would divide by zero when rescaling; zoneout 1 freezes the state.
+        for name, what, one_allowed in (
+            ("recurrent_dropout", "zeroing each unit of h before W_hh", False),
+            ("weight_dropout", "zeroing each weight of W_hh", False),
+            ("zoneout_cell", "each unit of c keeping its previous value", True),
+            ("zoneout_hidden", "each unit of h keeping its previous value", True),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"{name} should be a number, the probability of {what}; got {value!r}"
+                )
+            if not (0 <= value <= 1 if one_allowed else 0 <= value < 1):
+                interval = "[0, 1]" if one_allowed else "[0, 1)"
+                raise ValueError(
+                    f"{name} should be in {interval}, the probability of {what}; got {value}"
+                )
+            object.__setattr__(self, name, float(value))
 
     @property
     def num_directions(self) -> int:
@@ -111,7 +134,27 @@ class LSTMSpec:
             s += ", learn_initial_state=True"
         if self.forget_bias is not None:
             s += f", forget_bias={self.forget_bias}"
+        for name in ("layer_norm", "peepholes"):
+            if getattr(self, name):
+                s += f", {name}=True"
+        for name in ("recurrent_dropout", "weight_dropout", "zoneout_cell", "zoneout_hidden"):
+            if getattr(self, name) != 0:
+                s += f", {name}={getattr(self, name)}"
         return s
+
+    def step_variants(self, training: bool) -> frozenset[str]:
+        """The variants a backend must implement in its step for a call (weight drop is applied
+        to W_hh before any backend sees it; recurrent dropout only acts in training)."""
+        active = set()
+        if self.layer_norm:
+            active.add("layer_norm")
+        if self.peepholes:
+            active.add("peepholes")
+        if self.zoneout_cell or self.zoneout_hidden:
+            active.add("zoneout")
+        if training and self.recurrent_dropout:
+            active.add("recurrent_dropout")
+        return frozenset(active)
 
     def __str__(self) -> str:
         return f"LSTM({self.extra_repr()})"

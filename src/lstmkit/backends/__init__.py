@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lstmkit.reference import LayerWeights
+from lstmkit.reference import LayerWeights, Variant
 
 BACKEND_ENV = "LSTMKIT_BACKEND"
 
@@ -40,6 +40,7 @@ class Request:
     bidirectional: bool
     proj: bool
     variable_lengths: bool
+    variants: frozenset[str] = frozenset()
 
 
 class Backend:
@@ -47,6 +48,8 @@ class Backend:
 
     name: str = ""
     description: str = ""
+    # The step variants (see LSTMSpec.step_variants) this backend implements.
+    variants: frozenset[str] = frozenset()
 
     def unavailable_reason(self, request: Request) -> str | None:
         """``None`` if this backend can run ``request``, else why not, in one sentence."""
@@ -64,6 +67,7 @@ class Backend:
         weights: list[LayerWeights],
         lengths: Tensor | None,
         cell_sequence: bool = False,
+        variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
         """Run one layer, every direction, differentiably.
 
@@ -76,6 +80,9 @@ class Backend:
                 the CPU, sorted in non-increasing order, each value in [0, L] (0 is allowed:
                 that sequence's output is all zeros and its final state is its initial one).
             cell_sequence: also return every step's cell state.
+            variants: D entries of the variants' parameters and noise (see
+                :class:`lstmkit.reference.Variant`), passed only when the call uses a variant
+                this backend lists in ``variants``.
 
         Returns:
             output (L, N, D*P) with zeros at padded steps, h_n (D, N, P), c_n (D, N, H), and
@@ -121,12 +128,19 @@ def forced_name() -> str:
     return os.environ.get(BACKEND_ENV, "").strip()
 
 
+def _reason(backend: Backend, request: Request) -> str | None:
+    missing = request.variants - backend.variants
+    if missing:
+        return f"does not implement the variant(s) {', '.join(sorted(missing))}"
+    return backend.unavailable_reason(request)
+
+
 def choose(request: Request) -> Backend:
     """Pick the backend for ``request`` (see the module docstring) and remember why."""
     forced = forced_name()
     if forced:
         backend = get(forced)
-        reason = backend.unavailable_reason(request)
+        reason = _reason(backend, request)
         if reason is not None:
             raise RuntimeError(
                 f"{BACKEND_ENV}={forced} asks for the {forced!r} backend, which cannot run "
@@ -137,7 +151,7 @@ def choose(request: Request) -> Backend:
     passed_over: list[tuple[str, str]] = []
     for name in PREFERENCE:
         backend = get(name)
-        reason = backend.unavailable_reason(request)
+        reason = _reason(backend, request)
         if reason is None:
             _last.choice = Choice(name, False, tuple(passed_over))
             return backend

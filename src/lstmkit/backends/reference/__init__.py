@@ -6,12 +6,13 @@ from torch import Tensor
 
 from lstmkit import reference
 from lstmkit.backends import Backend, Request
-from lstmkit.reference import LayerWeights
+from lstmkit.reference import LayerWeights, Variant
 
 
 class ReferenceBackend(Backend):
     name = "reference"
     description = "plain time loop of torch ops (lstmkit.reference); any device and dtype"
+    variants = frozenset({"layer_norm", "peepholes", "zoneout", "recurrent_dropout"})
 
     def unavailable_reason(self, request: Request) -> str | None:
         return None
@@ -24,10 +25,11 @@ class ReferenceBackend(Backend):
         weights: list[LayerWeights],
         lengths: Tensor | None,
         cell_sequence: bool = False,
+        variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
         if lengths is not None:
             lengths = lengths.to(x.device)
-        return reference.lstm_layer(x, h0, c0, weights, lengths, cell_sequence)
+        return reference.lstm_layer(x, h0, c0, weights, lengths, cell_sequence, variants)
 
 
 BACKEND = ReferenceBackend()
