@@ -50,6 +50,11 @@ CASES = [
             "num_layers": 2,
         },
     ),
+    Case(
+        "batch-first-one-step-bi",
+        {"input_size": 4, "hidden_size": 6, "batch_first": True, "bidirectional": True},
+        steps=1,
+    ),
     Case("proj", {"input_size": 4, "hidden_size": 7, "proj_size": 3}),
     Case(
         "proj-bi-2l-no-bias",
