@@ -65,7 +65,8 @@ static int64_t clamp_lanes(int64_t n) { return n < 0 ? 0 : n > V ? V : n; }
 
 /* ---- vectors ---- */
 
-LK_INLINE vec splat(real x) { return (vec){} + x; }
+/* x - 0 is x exactly (0 + x is not, for x = -0), so this compiles to a plain broadcast. */
+LK_INLINE vec splat(real x) { return x - (vec){}; }
 LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
 LK_INLINE vec vload(const real *p)
 {
@@ -355,15 +356,51 @@ static void unpermute(const dir_t *w, const real *src, real *dst, int64_t cols)
     }
 }
 
-/* ---- the register tile: acc[r][c] += sum_k a[r][k] b[k][c], c over nv vectors ----
- * Called with constant mr and nv, so the loops unroll and acc lives in registers. */
-LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, const real *const *a,
-                         const real *b, int64_t ldb, vec acc[LK_MR1][4])
+/* ---- panel products: C rows = init rows + bias + A rows x panel, one panel at a time ----
+ * A panel is up to four vectors of columns (each its own column pointer, rows ld apart), so a
+ * product can cover one unit block of W_hh (its four gates) or four blocks of W_hr. Rows of A
+ * and C are addressed through rows_t: a base and a stride, and another pair from row `split` on
+ * (rows that start from h0 instead of the previous step). */
+
+#define MR_MAX 6
+
+typedef struct {
+    real *base;
+    int64_t stride, split;
+    real *alt;
+    int64_t alt_stride;
+} rows_t;
+
+typedef struct {
+    const real *col[4]; /* each vector's column, or NULL past the panel's end */
+    int64_t ld;         /* elements between rows */
+    int64_t cols;       /* columns of C to store (the rest of the last vector is padding) */
+} panel_t;
+
+static rows_t rows(real *base, int64_t stride)
+{
+    rows_t r = {base, stride, INT64_MAX, NULL, 0};
+    return r;
+}
+static rows_t rows_split(real *base, int64_t stride, int64_t split, real *alt, int64_t alt_stride)
+{
+    rows_t r = {base, stride, split, alt, alt_stride};
+    return r;
+}
+LK_INLINE real *row_at(const rows_t *r, int64_t b)
+{
+    return b < r->split ? r->base + b * r->stride : r->alt + b * r->alt_stride;
+}
+
+/* acc[r][c] += sum_k a[r][k] b[c][k ld]; called with constant mr and nv, so the loops unroll
+ * and acc lives in registers: 6 x 2 is the FMA-bound shape on AVX2, 1 x 4 the one-row shape. */
+LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, real *const *a,
+                         const real *const *b, int64_t ld, vec acc[MR_MAX][4])
 {
     for (int64_t kk = 0; kk < k; kk++) {
         vec bv[4];
         for (int c = 0; c < nv; c++)
-            bv[c] = vload(b + kk * ldb + c * V);
+            bv[c] = vload(b[c] + kk * ld);
         for (int r = 0; r < mr; r++) {
             vec ar = splat(a[r][kk]);
             for (int c = 0; c < nv; c++)
@@ -372,27 +409,83 @@ LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, const real *cons
     }
 }
 
+/* Rows b0..b0+mr-1, vectors v0..v0+nv-1 of the panel. init (base NULL: none), bias may be
+ * NULL. */
+LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_t k,
+                          const rows_t *a, const panel_t *p, const rows_t *init,
+                          const real *bias, const rows_t *c)
+{
+    real *arow[MR_MAX];
+    vec acc[MR_MAX][4];
+    for (int r = 0; r < mr; r++) {
+        arow[r] = row_at(a, b0 + r);
+        for (int j = 0; j < nv; j++) {
+            int64_t col = (v0 + j) * V;
+            acc[r][j] = init->base != NULL ? vload(row_at(init, b0 + r) + col) : splat(0);
+            if (bias != NULL)
+                acc[r][j] += vload(bias + col);
+        }
+    }
+    panel_mac(mr, nv, k, arow, p->col + v0, p->ld, acc);
+    for (int r = 0; r < mr; r++) {
+        real *crow = row_at(c, b0 + r);
+        for (int j = 0; j < nv; j++)
+            vstore_n(crow + (v0 + j) * V, acc[r][j], clamp_lanes(p->cols - (v0 + j) * V));
+    }
+}
+
+/* C = init + bias + A P for rows 0..n-1: tiles of 6 rows x 2 vectors (twice per panel), the
+ * remaining rows in one smaller tile; a single row takes all four vectors at once. */
+static void panel_rows(int64_t n, int64_t k, const rows_t *a, const panel_t *p,
+                       const rows_t *init, const real *bias, const rows_t *c)
+{
+    int64_t b = 0;
+    for (; b + MR_MAX <= n; b += MR_MAX) {
+        panel_tile(MR_MAX, 2, b, 0, k, a, p, init, bias, c);
+        panel_tile(MR_MAX, 2, b, 2, k, a, p, init, bias, c);
+    }
+    switch (n - b) {
+    case 1:
+        panel_tile(1, 4, b, 0, k, a, p, init, bias, c);
+        break;
+#define TWO_HALVES(m)                                                                             \
+    case m:                                                                                       \
+        panel_tile(m, 2, b, 0, k, a, p, init, bias, c);                                          \
+        panel_tile(m, 2, b, 2, k, a, p, init, bias, c);                                          \
+        break;
+        TWO_HALVES(2)
+        TWO_HALVES(3)
+        TWO_HALVES(4)
+        TWO_HALVES(5)
+#undef TWO_HALVES
+    default:
+        break;
+    }
+}
+
+/* The panel of W columns starting at `first` in a packed matrix of panels (rows ld = W). */
+static panel_t packed_panel(const real *first, int64_t cols)
+{
+    panel_t p = {{first, first + V, first + 2 * V, first + 3 * V}, W, cols};
+    return p;
+}
+
 /* ---- forward ---- */
 
-/* Rows r0..r0+mr-1 of unit block blk at one step: recurrent product, then the gate update. */
-LK_INLINE void forward_tile(const int mr, const dir_t *w, const step_t *st, int64_t r0,
-                            int64_t blk)
+static void zero_columns(real *row, int64_t begin, int64_t end)
 {
-    const real *rows[LK_MR1];
-    vec acc[LK_MR1][4];
-    const real *bias = w->bias + blk * W;
-    for (int r = 0; r < mr; r++) {
-        rows[r] = h_prev(w, st, r0 + r);
-        const real *g = gate_row(w, st->t, r0 + r) + blk * W;
-        for (int q = 0; q < 4; q++)
-            acc[r][q] = vload(g + q * V) + vload(bias + q * V);
-    }
-    panel_mac(mr, 4, w->P, rows, w->wr + blk * w->P * W, W, acc);
+    if (end > begin)
+        memset(row + begin, 0, (size_t)(end - begin) * sizeof(real));
+}
+
+/* The gate update of unit block blk for the active rows, from the pre-activations in G. */
+static void gate_update(const dir_t *w, const step_t *st, int64_t blk)
+{
     const int64_t lanes = clamp_lanes(w->H - blk * V);
-    for (int r = 0; r < mr; r++) {
-        int64_t b = r0 + r;
-        vec i = v_sigmoid(acc[r][0]), f = v_sigmoid(acc[r][1]);
-        vec g = v_tanh(acc[r][2]), o = v_sigmoid(acc[r][3]);
+    for (int64_t b = 0; b < st->n; b++) {
+        real *pre = gate_row(w, st->t, b) + blk * W;
+        vec i = v_sigmoid(vload(pre)), f = v_sigmoid(vload(pre + V));
+        vec g = v_tanh(vload(pre + 2 * V)), o = v_sigmoid(vload(pre + 3 * V));
         vec c = f * vload_n(c_prev(w, st, b) + blk * V, lanes) + i * g;
         vec h = o * v_tanh(c);
         vstore_n(cell_row(w, st->t, b) + blk * V, c, lanes);
@@ -401,38 +494,12 @@ LK_INLINE void forward_tile(const int mr, const dir_t *w, const step_t *st, int6
         else
             vstore_n(out_row(w, st->t, b) + blk * V, h, lanes);
         if (w->keep) {
-            real *kept = gate_row(w, st->t, b) + blk * W;
-            vstore(kept, i);
-            vstore(kept + V, f);
-            vstore(kept + 2 * V, g);
-            vstore(kept + 3 * V, o);
+            vstore(pre, i);
+            vstore(pre + V, f);
+            vstore(pre + 2 * V, g);
+            vstore(pre + 3 * V, o);
         }
     }
-}
-
-/* h = m W_hr^T for rows r0..r0+mr-1 and columns of panel pb. */
-LK_INLINE void project_tile(const int mr, const dir_t *w, const step_t *st, int64_t r0,
-                            int64_t pb)
-{
-    const real *rows[LK_MR1];
-    vec acc[LK_MR1][4];
-    for (int r = 0; r < mr; r++) {
-        rows[r] = m_row(w, st->t, r0 + r);
-        for (int q = 0; q < 4; q++)
-            acc[r][q] = splat(0);
-    }
-    panel_mac(mr, 4, w->Hp, rows, w->wp + pb * w->Hp * W, W, acc);
-    for (int r = 0; r < mr; r++) {
-        real *h = out_row(w, st->t, r0 + r) + pb * W;
-        for (int q = 0; q < 4; q++)
-            vstore_n(h + q * V, acc[r][q], clamp_lanes(w->P - pb * W - q * V));
-    }
-}
-
-static void zero_columns(real *row, int64_t begin, int64_t end)
-{
-    if (end > begin)
-        memset(row + begin, 0, (size_t)(end - begin) * sizeof(real));
 }
 
 /* The whole sequence for one direction, as member `rank` of a team of `size` threads. */
@@ -442,14 +509,18 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
     lk_split(w->Hb, rank, size, &b0, &b1);
     lk_split(w->Pb, rank, size, &p0, &p1);
     const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H); /* own units */
+    const int64_t DP = w->D * w->P;
     for (int64_t s = 0; s < w->T; s++) {
         const step_t st = make_step(w, s);
+        /* h_{t-1}: the previous step's output, or h0 for rows that start here */
+        const rows_t h = rows_split(st.cont > 0 ? out_row(w, st.prev, 0) : NULL, DP, st.cont,
+                                    (real *)w->h0, w->P);
+        const rows_t gates = rows(gate_row(w, st.t, 0), w->Gp);
         for (int64_t blk = b0; blk < b1; blk++) {
-            int64_t r = 0;
-            for (; r + LK_MR <= st.n; r += LK_MR)
-                forward_tile(LK_MR, w, &st, r, blk);
-            for (; r < st.n; r++)
-                forward_tile(1, w, &st, r, blk);
+            const panel_t p = packed_panel(w->wr + blk * w->P * W, W);
+            const rows_t g = rows(gates.base + blk * W, w->Gp);
+            panel_rows(st.n, w->P, &h, &p, &g, w->bias + blk * W, &g);
+            gate_update(w, &st, blk);
         }
         for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */
             if (w->cells != NULL)
@@ -459,12 +530,11 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
         }
         if (w->proj) {
             lk_barrier_wait(bar, sense); /* m of this step complete */
+            const rows_t m = rows(m_row(w, st.t, 0), w->Hp), none = rows(NULL, 0);
             for (int64_t pb = p0; pb < p1; pb++) {
-                int64_t r = 0;
-                for (; r + LK_MR <= st.n; r += LK_MR)
-                    project_tile(LK_MR, w, &st, r, pb);
-                for (; r < st.n; r++)
-                    project_tile(1, w, &st, r, pb);
+                const panel_t p = packed_panel(w->wp + pb * w->Hp * W, w->P - pb * W);
+                const rows_t out = rows(out_row(w, st.t, 0) + pb * W, DP);
+                panel_rows(st.n, w->Hp, &m, &p, &none, NULL, &out);
             }
             for (int64_t b = st.n; b < w->B; b++)
                 zero_columns(out_row(w, st.t, b), p0 * W, min64(p1 * W, w->P));
@@ -613,6 +683,7 @@ typedef struct {
     int64_t dhs_step;     /* B * Pp or 0 */
     real *db;             /* (Gp) bias gradient, permuted */
     real *dA;             /* (T, B, Gp) gate gradients (the kept gates stay intact) */
+    real *dm;             /* proj: (B, Hp) gradient of m = o * tanh(c) at the current step */
 } bdir_t;
 
 static real *grad_row(const bdir_t *w, int64_t t, int64_t b)
@@ -643,44 +714,32 @@ static void add_output_grad(const bdir_t *w, int64_t t, int64_t c0, int64_t c1)
             zero_columns(dhs_row(w, t, b), c0, c1);
 }
 
-/* Gate gradients of rows r0..r0+mr-1 in unit block blk. */
-LK_INLINE void backward_tile(const int mr, const bdir_t *w, const step_t *st, int64_t r0,
-                             int64_t blk)
+/* Gate gradients of unit block blk for the active rows, given dh (rows ld apart). */
+static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const real *dh,
+                          int64_t ld)
 {
     const dir_t *f = &w->f;
     const real *d_cells = w->g->d_cells;
-    vec dh[LK_MR1][4];
-    if (f->proj) {
-        const real *rows[LK_MR1];
-        for (int r = 0; r < mr; r++) {
-            rows[r] = dhs_row(w, st->t, r0 + r);
-            dh[r][0] = splat(0);
-        }
-        panel_mac(mr, 1, f->P, rows, w->wrb + blk * f->P * V, V, dh);
-    } else {
-        for (int r = 0; r < mr; r++)
-            dh[r][0] = vload(dhs_row(w, st->t, r0 + r) + blk * V);
-    }
     const int64_t lanes = clamp_lanes(f->H - blk * V);
     real *db = w->db + blk * W;
     vec db_i = vload(db), db_f = vload(db + V), db_g = vload(db + 2 * V), db_o = vload(db + 3 * V);
-    for (int r = 0; r < mr; r++) {
-        int64_t b = r0 + r;
+    for (int64_t b = 0; b < st->n; b++) {
         const real *gates = gate_row(f, st->t, b) + blk * W;
         real *grads = grad_row(w, st->t, b) + blk * W;
         vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
         vec o = vload(gates + 3 * V);
         vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
         vec tc = v_tanh(c);
+        vec d_h = vload(dh + b * ld);
         real *dc_row = w->dC + b * f->Hp + blk * V;
-        vec dc = vload(dc_row) + dh[r][0] * o * (1 - tc * tc);
+        vec dc = vload(dc_row) + d_h * o * (1 - tc * tc);
         if (d_cells != NULL)
             dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V,
                           lanes);
         vec d_i = dc * g * i * (1 - i);
         vec d_f = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
         vec d_g = dc * i * (1 - g * g);
-        vec d_o = dh[r][0] * tc * o * (1 - o);
+        vec d_o = d_h * tc * o * (1 - o);
         vstore(dc_row, dc * fg);
         vstore(grads, d_i);
         vstore(grads + V, d_f);
@@ -692,24 +751,6 @@ LK_INLINE void backward_tile(const int mr, const bdir_t *w, const step_t *st, in
     vstore(db + V, db_f);
     vstore(db + 2 * V, db_g);
     vstore(db + 3 * V, db_o);
-}
-
-/* dH = dA W_hh for rows r0..r0+mr-1 and the columns of P panel pb. */
-LK_INLINE void recurrent_grad_tile(const int mr, const bdir_t *w, const step_t *st, int64_t r0,
-                                   int64_t pb)
-{
-    const dir_t *f = &w->f;
-    const real *rows[LK_MR1];
-    vec acc[LK_MR1][4];
-    for (int r = 0; r < mr; r++) {
-        rows[r] = grad_row(w, st->t, r0 + r);
-        for (int q = 0; q < 4; q++)
-            acc[r][q] = splat(0);
-    }
-    panel_mac(mr, 4, f->Gp, rows, w->ub + pb * f->Gp * W, W, acc);
-    for (int r = 0; r < mr; r++)
-        for (int q = 0; q < 4; q++)
-            vstore(w->dH + (r0 + r) * f->Pp + pb * W + q * V, acc[r][q]);
 }
 
 static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *bar, int *sense)
@@ -732,14 +773,27 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
     memset(w->db + b0 * W, 0, (size_t)((b1 - b0) * W) * sizeof(real));
     add_output_grad(w, w->f.rev ? 0 : f->T - 1, c0, c1);
     lk_barrier_wait(bar, sense);
+    const rows_t none = rows(NULL, 0), dH = rows(w->dH, f->Pp);
     for (int64_t s = f->T - 1; s >= 0; s--) {
         const step_t st = make_step(f, s);
+        const rows_t dhs = rows(dhs_row(w, st.t, 0), f->Pp);
+        if (f->proj) { /* dm = dh W_hr for the own unit blocks, four blocks per panel */
+            const rows_t dm = rows(w->dm, f->Hp);
+            for (int64_t blk = b0; blk < b1; blk += 4) {
+                const real *first = w->wrb + blk * f->P * V;
+                const int64_t blocks = min64(4, b1 - blk);
+                panel_t p = {{first, NULL, NULL, NULL}, V, blocks * V};
+                for (int64_t j = 1; j < 4; j++)
+                    p.col[j] = j < blocks ? first + j * f->P * V : first;
+                const rows_t dm_blk = rows(dm.base + blk * V, f->Hp);
+                panel_rows(st.n, f->P, &dhs, &p, &none, NULL, &dm_blk);
+            }
+        }
         for (int64_t blk = b0; blk < b1; blk++) {
-            int64_t r = 0;
-            for (; r + LK_MR1 <= st.n; r += LK_MR1)
-                backward_tile(LK_MR1, w, &st, r, blk);
-            for (; r < st.n; r++)
-                backward_tile(1, w, &st, r, blk);
+            if (f->proj)
+                gate_backward(w, &st, blk, w->dm + blk * V, f->Hp);
+            else
+                gate_backward(w, &st, blk, dhs.base + blk * V, f->Pp);
         }
         for (int64_t b = st.n; b < f->B; b++) { /* padded rows take no part in dW, db, dx */
             zero_columns(grad_row(w, st.t, b), b0 * W, b1 * W);
@@ -747,12 +801,11 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
                 zero_columns(m_row(f, st.t, b), u0, u1);
         }
         lk_barrier_wait(bar, sense); /* dA of this step complete */
+        const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
         for (int64_t pb = p0; pb < p1; pb++) {
-            int64_t r = 0;
-            for (; r + LK_MR <= st.n; r += LK_MR)
-                recurrent_grad_tile(LK_MR, w, &st, r, pb);
-            for (; r < st.n; r++)
-                recurrent_grad_tile(1, w, &st, r, pb);
+            const panel_t p = packed_panel(w->ub + pb * f->Gp * W, W);
+            const rows_t dH_panel = rows(dH.base + pb * W, f->Pp);
+            panel_rows(st.n, f->Gp, &dA, &p, &none, NULL, &dH_panel);
         }
         if (s > 0 && (f->proj || g->d_out != NULL))
             add_output_grad(w, st.prev, c0, c1);
@@ -830,7 +883,7 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         geometry(f, a, d);
         elems += f->Pb * f->Gp * W + (f->proj ? f->Hb * f->P * V : 0) + f->Gp * f->I;
         elems += a->B * f->Pp + a->B * f->Hp + f->Gp + (f->proj ? a->T * a->B * f->Pp : 0);
-        elems += a->T * a->B * f->Gp;
+        elems += a->T * a->B * f->Gp + (f->proj ? a->B * f->Hp : 0);
     }
     const dir_t *f0 = &dirs[0].f;
     const int64_t tmp_elems = f0->Gp * (a->I > a->P ? a->I : a->P);
@@ -854,7 +907,8 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         w->dC = w->dH + a->B * f->Pp;
         w->db = w->dC + a->B * f->Hp;
         w->dA = w->db + f->Gp;
-        next = w->dA + a->T * a->B * f->Gp;
+        w->dm = w->dA + a->T * a->B * f->Gp;
+        next = w->dm + (f->proj ? a->B * f->Hp : 0);
         if (f->proj) {
             w->dhs = next;
             w->dhs_step = a->B * f->Pp;

@@ -14,8 +14,6 @@
 
 #define LK_INLINE static inline __attribute__((always_inline))
 #define LK_VBYTES 32 /* bytes per vector: AVX2; GCC splits it where vectors are narrower */
-#define LK_MR 2      /* rows per register tile of the four-vector panel products */
-#define LK_MR1 4     /* rows per register tile of the one-vector product (backward, proj) */
 /* Below this many floating-point operations per call the work runs on one thread: waking a
  * second one costs more than it saves, and much more when another process holds a core. */
 #define LK_SERIAL_FLOPS 4.0e7
