@@ -4,6 +4,9 @@ The candidate and ``torch.nn.LSTM`` hold the same parameters and run on the same
 inference (eval mode, ``no_grad``) the output, h_n and c_n must match; for a training step
 (train mode) also the gradient of the input and of every parameter, under a loss that weights
 every output and state element differently so that no gradient hides behind a symmetric sum.
+
+A training step with random masks (dropout, zoneout) cannot match another module's values;
+:func:`check_noisy_training` checks its names, shapes and finiteness instead.
 """
 
 from __future__ import annotations
@@ -82,6 +85,60 @@ def check(mode: str, oracle: nn.Module, candidate: nn.Module, batch: Batch) -> s
     else:
         raise ValueError(f"mode is 'inference' or 'training', got {mode!r}")
     return None if problem is None else " ".join(problem.split())
+
+
+def check_noisy_training(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+    """The training check for modules that draw their own noise (dropout or zoneout masks), so
+    that their values cannot be compared: ``None`` if the candidate's outputs, input gradient
+    and parameter gradients have the oracle's names, shapes and dtypes and are all finite, else
+    why not (one line). Both modules are left in train mode with no gradients."""
+    oracle.train()
+    candidate.train()
+    try:
+        problem = _check_noisy_training(oracle, candidate, batch)
+    finally:
+        oracle.zero_grad(set_to_none=True)
+        candidate.zero_grad(set_to_none=True)
+    return None if problem is None else " ".join(problem.split())
+
+
+def _check_noisy_training(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+    oracle_batch, oracle_leaf = _leaf_batch(batch)
+    candidate_batch, candidate_leaf = _leaf_batch(batch)
+    expected = _forward(oracle, oracle_batch)
+    torch.stack([t.sum() for t in _tensors(expected)]).sum().backward()
+    actual = _forward_candidate(candidate, candidate_batch)
+    if isinstance(actual, str):
+        return actual
+    names = ("output", "h_n", "c_n")
+    pairs = list(zip(names, _tensors(actual), _tensors(expected), strict=True))
+    try:
+        torch.stack([t.sum() for t in _tensors(actual)]).sum().backward()
+    except Exception as error:  # a broken backward is a failed check, not a crashed run
+        return f"backward raised {type(error).__name__}: {error}"
+    pairs.append(("grad input", candidate_leaf.grad, oracle_leaf.grad))
+    oracle_params = dict(oracle.named_parameters())
+    candidate_params = dict(candidate.named_parameters())
+    if sorted(candidate_params) != sorted(oracle_params):
+        return f"parameters {sorted(candidate_params)}, expected {sorted(oracle_params)}"
+    for name, param in oracle_params.items():
+        pairs.append((f"grad {name}", candidate_params[name].grad, param.grad))
+    return _first([_unlike(actual_t, expected_t, what) for what, actual_t, expected_t in pairs])
+
+
+def _unlike(actual: object, expected: Tensor | None, what: str) -> str | None:
+    """Why ``actual`` is not a finite tensor of ``expected``'s shape and dtype, or ``None``."""
+    if not isinstance(actual, Tensor) or expected is None:
+        return f"{what} is a {type(actual).__name__}, expected a tensor"
+    if actual.shape != expected.shape or actual.dtype != expected.dtype:
+        return (
+            f"{what} is {tuple(actual.shape)} {actual.dtype}, expected "
+            f"{tuple(expected.shape)} {expected.dtype}"
+        )
+    finite = torch.isfinite(actual)
+    if not bool(finite.all()):
+        return f"{what}: {int((~finite).sum())} of {finite.numel()} values are not finite"
+    return None
 
 
 def _check_inference(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:

@@ -14,8 +14,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import torch
 
@@ -41,6 +43,8 @@ GROUP_TARGETS: dict[str, tuple[float, float | None]] = {
 # step, and torch already sits on that roofline.
 EXCEPTIONS: dict[str, float] = {"stream-512": 0.95}
 PEAK_FRACTION_TARGET = 0.75
+
+RowT = TypeVar("RowT")
 
 
 @dataclass(frozen=True)
@@ -171,11 +175,18 @@ class Row:
         return EXCEPTIONS.get(self.config.name, GROUP_TARGETS[self.config.group][0])
 
 
-CSV_COLUMNS = (
+# The columns every benchmark CSV starts with: the run's context, then the configuration.
+ENVIRONMENT_COLUMNS = (
     "date", "machine", "cores", "threads", "torch_version", "python_version", "lstmkit_version",
     "git_sha", "grid", "sgemm_gflops", "start_load_avg",
+)  # fmt: skip
+CONFIG_COLUMNS = (
     "config", "group", "seq_len", "batch", "input_size", "hidden_size", "num_layers",
-    "bidirectional", "proj_size", "lengths", "mode", "backend", "check", "check_detail",
+    "bidirectional", "proj_size", "lengths",
+)  # fmt: skip
+CSV_COLUMNS = (
+    *ENVIRONMENT_COLUMNS, *CONFIG_COLUMNS,
+    "mode", "backend", "check", "check_detail",
     "repeats", "torch_calls_per_sample", "lstmkit_calls_per_sample",
     "torch_p20_ms", "torch_p50_ms", "torch_p80_ms",
     "lstmkit_p20_ms", "lstmkit_p50_ms", "lstmkit_p80_ms",
@@ -184,18 +195,30 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
-def csv_record(env: Environment, row: Row) -> dict[str, object]:
-    """One CSV line: every column of ``CSV_COLUMNS``; empty where the check failed."""
-    c = row.config
-    record: dict[str, object] = {
+def environment_record(env: Environment) -> dict[str, object]:
+    """The ``ENVIRONMENT_COLUMNS`` of a CSV line."""
+    return {
         "date": env.date, "machine": env.machine, "cores": env.cores, "threads": env.threads,
         "torch_version": env.torch_version, "python_version": env.python_version,
         "lstmkit_version": env.lstmkit_version, "git_sha": env.git_sha, "grid": env.grid,
         "sgemm_gflops": f"{env.sgemm_gflops:.2f}", "start_load_avg": f"{env.load:.2f}",
+    }  # fmt: skip
+
+
+def config_record(c: BenchConfig) -> dict[str, object]:
+    """The ``CONFIG_COLUMNS`` of a CSV line."""
+    return {
         "config": c.name, "group": c.group, "seq_len": c.seq_len, "batch": c.batch,
         "input_size": c.input_size, "hidden_size": c.hidden_size, "num_layers": c.num_layers,
         "bidirectional": c.bidirectional, "proj_size": c.proj_size,
         "lengths": "" if c.lengths is None else f"{c.lengths[0]}:{c.lengths[1]}",
+    }  # fmt: skip
+
+
+def csv_record(env: Environment, row: Row) -> dict[str, object]:
+    """One CSV line: every column of ``CSV_COLUMNS``; empty where the check failed."""
+    record: dict[str, object] = {
+        **environment_record(env), **config_record(row.config),
         "mode": row.mode, "backend": row.backend,
         "check": "ok" if row.failure is None else "FAILED", "check_detail": row.failure or "",
         "target_ratio": row.target, "gflop": f"{row.flops / 1e9:.6g}",
@@ -216,26 +239,35 @@ def csv_record(env: Environment, row: Row) -> dict[str, object]:
     return {column: record.get(column, "") for column in CSV_COLUMNS}
 
 
-class CsvFile:
+class CsvFile(Generic[RowT]):
     """A CSV of rows written as they come, so that an interrupted run keeps its finished rows.
 
-    Use as a context manager; creates the folder if needed and writes the header
-    ``CSV_COLUMNS`` first.
+    Use as a context manager; creates the folder if needed and writes the header ``columns``
+    first; ``record`` turns one row into its line (e.g. ``CSV_COLUMNS`` and
+    :func:`csv_record`).
     """
 
-    def __init__(self, path: Path, env: Environment) -> None:
+    def __init__(
+        self,
+        path: Path,
+        env: Environment,
+        columns: Sequence[str],
+        record: Callable[[Environment, RowT], dict[str, object]],
+    ) -> None:
         self.path = path
         self.env = env
+        self.columns = columns
+        self.record = record
 
-    def __enter__(self) -> CsvFile:
+    def __enter__(self) -> CsvFile[RowT]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("w", newline="", encoding="utf-8")
-        self._writer = csv.DictWriter(self._file, fieldnames=CSV_COLUMNS)
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns)
         self._writer.writeheader()
         return self
 
-    def write(self, row: Row) -> None:
-        self._writer.writerow(csv_record(self.env, row))
+    def write(self, row: RowT) -> None:
+        self._writer.writerow(self.record(self.env, row))
         self._file.flush()
 
     def __exit__(self, *exc_info: object) -> None:
@@ -270,10 +302,10 @@ def table_line(env: Environment, row: Row, name_width: int = 16) -> str:
 def _times(timing: Timing | None) -> str:
     if timing is None:
         return "-"
-    return f"{_ms(timing.p50)} [{_ms(timing.p20)}, {_ms(timing.p80)}]"
+    return f"{format_ms(timing.p50)} [{format_ms(timing.p20)}, {format_ms(timing.p80)}]"
 
 
-def _ms(seconds: float) -> str:
+def format_ms(seconds: float) -> str:
     """Milliseconds to three significant digits, or whole ones from 100 up."""
     ms = seconds * 1e3
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}"

@@ -9,11 +9,13 @@ it goes, then the targets summary, and writes a CSV. Exits non-zero if any check
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from importlib.abc import Traversable
 from pathlib import Path
 from typing import TypeVar
 
@@ -103,10 +105,10 @@ def bench_config(
     oracle = nn.LSTM(**config.lstm_kwargs())
     candidate = make_candidate(config, oracle)
     batch = make_input(config)
-    failure, backend = _backend_used(lambda: check(mode, oracle, candidate, batch))
+    failure, backend = backend_used(lambda: check(mode, oracle, candidate, batch))
     if failure is not None:
         return report.Row(config, mode, backend, failure)
-    timings, timed_backend = _backend_used(
+    timings, timed_backend = backend_used(
         lambda: time_interleaved(
             {"torch": step(oracle, batch, mode), "lstmkit": step(candidate, batch, mode)}, budget
         )
@@ -118,13 +120,22 @@ def bench_config(
     return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"], load)
 
 
-def _backend_used(work: Callable[[], T]) -> tuple[T, str]:
+def backend_used(work: Callable[[], T]) -> tuple[T, str]:
     """``work()`` and the lstmkit backend its last lstmkit call used (``""`` if none ran)."""
     before = backends.last_choice()
     result = work()
     choice = backends.last_choice()
     # Each lstmkit call records a new Choice object: the same object means no lstmkit call ran.
     return result, "" if choice is None or choice is before else choice.backend
+
+
+@contextlib.contextmanager
+def quiet_oracle() -> Iterator[None]:
+    """Silences torch.nn.LSTM's announcement, on every call, of its slower path for
+    projections."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+        yield
 
 
 def run_benchmark(
@@ -140,9 +151,7 @@ def run_benchmark(
     width = max([16, *(len(c.name) for c in configs)])
     out(report.table_header(width))
     rows = []
-    with warnings.catch_warnings():
-        # torch.nn.LSTM announces its own slower path for projections on every call.
-        warnings.filterwarnings("ignore", "LSTM with projections is not supported with oneDNN")
+    with quiet_oracle():
         for config in configs:
             for mode in settings.modes:
                 row = bench_config(config, mode, settings.budget, make_candidate)
@@ -206,6 +215,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quick", action="store_true", help="a smoke run: few repeats, short budget, small sgemm"
     )
     parser.add_argument("--list", action="store_true", help="list the grid's configs and exit")
+    parser.add_argument(
+        "--variants",
+        nargs="?",
+        const="all",
+        metavar="NAMES",
+        help="time lstmkit's variants instead (layer_norm, recurrent_dropout, weight_dropout, "
+        "zoneout, peepholes; comma-separated, default all) next to plain lstmkit and a Python "
+        "loop; default configs tagger and encoder (see benchmarks/README.md)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -251,52 +269,85 @@ def default_csv(env: report.Environment) -> Path:
     return (repo_root() or Path.cwd()) / "benchmarks" / "results" / name
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark the arguments describe; 1 if any check failed, else 0."""
+def load_configs(
+    args: argparse.Namespace, default: Sequence[str] | None = None
+) -> tuple[Path | Traversable, list[BenchConfig], list[BenchConfig]]:
+    """The grid file, its configs, and the ones to run: the ``--config`` ones then the
+    ``--shape`` ones, or without either the ``default`` names (``None``: the whole grid).
+
+    Raises OSError or ValueError (a usage error) for an unreadable grid or an unknown name.
+    """
     grid_path = args.grid if args.grid is not None else default_grid()
-    try:
-        grid = load_grid(grid_path)
-        configs = select(grid, args.config) if args.config or args.shape else list(grid)
-    except (OSError, ValueError) as error:  # a usage error: say it in one line, no traceback
-        print(f"lstmkit bench: error: {error}", file=sys.stderr)
-        return 2
-    if args.list:
-        for config in grid:
-            gflop = config.forward_flops() / 1e9
-            print(f"{config.name:<16} {config.group:<11} {gflop:>9.4g} GFLOP  {config.describe()}")
-        return 0
-    configs += args.shape
-    settings = settings_from(args)
+    grid = load_grid(grid_path)
+    if args.config or args.shape:
+        return grid_path, grid, select(grid, args.config) + args.shape
+    return grid_path, grid, list(grid) if default is None else select(grid, list(default))
+
+
+def print_grid(grid: list[BenchConfig]) -> None:
+    """``--list``: each config's name, group, forward GFLOP and sizes."""
+    for config in grid:
+        gflop = config.forward_flops() / 1e9
+        print(f"{config.name:<16} {config.group:<11} {gflop:>9.4g} GFLOP  {config.describe()}")
+
+
+def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Environment:
+    """Applies ``--threads`` and ``--backend``, measures the sgemm peak and prints the machine,
+    the load and the backend choice."""
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.backend is not None:
         os.environ[backends.BACKEND_ENV] = args.backend
-
     load = report.load_average()
     print(f"measuring the sgemm peak ({settings.peak_size}^3)...", flush=True)
     peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
-    env = report.collect_environment(str(grid_path), peak, load)
+    env = report.collect_environment(grid, peak, load)
     print("\n".join(env.lines()))
     busy = report.busy_warning(env)
     if busy is not None:
         print(busy)
     forced = backends.forced_name()
     print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
+    return env
+
+
+def end_peak(env: report.Environment, settings: Settings) -> float:
+    """The sgemm peak measured again and printed beside the first, so that a change of the
+    machine's load during the run shows."""
+    peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
+    print(
+        f"\nsgemm peak at the end: {peak:.1f} GFLOP/s (start: {env.sgemm_gflops:.1f}); a large "
+        f"change means the machine's load changed during the run"
+    )
+    return peak
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark the arguments describe; 1 if any check failed, else 0."""
+    if args.variants is not None and not args.list:
+        # Imported here: the variants benchmark builds on this module.
+        from lstmkit.bench import variants
+
+        return variants.run(args)
+    try:
+        grid_path, grid, configs = load_configs(args)
+    except (OSError, ValueError) as error:  # a usage error: say it in one line, no traceback
+        print(f"lstmkit bench: error: {error}", file=sys.stderr)
+        return 2
+    if args.list:
+        print_grid(grid)
+        return 0
+    settings = settings_from(args)
+    env = start(args, settings, str(grid_path))
     print(report.FLOP_CONVENTION)
     csv_path = args.csv if args.csv is not None else default_csv(env)
     print(f"writing {csv_path}\n", flush=True)
-    with report.CsvFile(csv_path, env) as csv_file:
+    with report.CsvFile(csv_path, env, report.CSV_COLUMNS, report.csv_record) as csv_file:
         rows = run_benchmark(
             configs, env, settings, out=lambda line: print(line, flush=True), on_row=csv_file.write
         )
-    # Measured again so that a change of the machine's load during the run shows; the targets
-    # are judged against the higher of the two, the stricter peak.
-    end_peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
-    print(
-        f"\nsgemm peak at the end: {end_peak:.1f} GFLOP/s (start: {peak:.1f}); a large change "
-        f"means the machine's load changed during the run"
-    )
-    summary_env = replace(env, sgemm_gflops=max(peak, end_peak))
+    # The targets are judged against the higher of the two peaks, the stricter one.
+    summary_env = replace(env, sgemm_gflops=max(env.sgemm_gflops, end_peak(env, settings)))
     print("\n".join(report.summary_lines(summary_env, rows)))
     failed = [f"{r.config.name} {r.mode}" for r in rows if r.failure is not None]
     if failed:
