@@ -5,8 +5,9 @@ inference (eval mode, ``no_grad``) the output, h_n and c_n must match; for a tra
 (train mode) also the gradient of the input and of every parameter, under a loss that weights
 every output and state element differently so that no gradient hides behind a symmetric sum.
 
-A training step with random masks (dropout, zoneout) cannot match another module's values;
-:func:`check_noisy_training` checks its names, shapes and finiteness instead.
+:func:`check_values` is a looser check for modules whose gradients cannot be compared (random
+masks, or float32 rounding far larger than the tolerance): values, then the gradients' names,
+shapes and finiteness.
 """
 
 from __future__ import annotations
@@ -38,15 +39,22 @@ TOLERANCES: dict[str, Tolerance] = {
 }
 
 
-def mismatch(actual: object, expected: Tensor, what: str, kind: str = "value") -> str | None:
-    """``None`` if ``actual`` matches ``expected`` within ``TOLERANCES[kind]``, else why not."""
+def mismatch(
+    actual: object,
+    expected: Tensor,
+    what: str,
+    kind: str = "value",
+    tolerance: Tolerance | None = None,
+) -> str | None:
+    """``None`` if ``actual`` matches ``expected`` within ``tolerance`` (default
+    ``TOLERANCES[kind]``), else why not."""
     if not isinstance(actual, Tensor):
         return f"{what} is a {type(actual).__name__}, not a tensor"
     if actual.shape != expected.shape:
         return f"{what} has shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
     if actual.dtype != expected.dtype:
         return f"{what} has dtype {actual.dtype}, expected {expected.dtype}"
-    tol = TOLERANCES[kind]
+    tol = TOLERANCES[kind] if tolerance is None else tolerance
     actual, expected = actual.detach(), expected.detach()
     close = torch.isclose(actual, expected, rtol=tol.rtol, atol=tol.atol)
     if bool(close.all()):
@@ -87,22 +95,41 @@ def check(mode: str, oracle: nn.Module, candidate: nn.Module, batch: Batch) -> s
     return None if problem is None else " ".join(problem.split())
 
 
-def check_noisy_training(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
-    """The training check for modules that draw their own noise (dropout or zoneout masks), so
-    that their values cannot be compared: ``None`` if the candidate's outputs, input gradient
-    and parameter gradients have the oracle's names, shapes and dtypes and are all finite, else
-    why not (one line). Both modules are left in train mode with no gradients."""
-    oracle.train()
-    candidate.train()
-    try:
-        problem = _check_noisy_training(oracle, candidate, batch)
-    finally:
-        oracle.zero_grad(set_to_none=True)
-        candidate.zero_grad(set_to_none=True)
+def check_values(
+    mode: str,
+    oracle: nn.Module,
+    candidate: nn.Module,
+    batch: Batch,
+    tolerance: Tolerance,
+    noisy: bool = False,
+) -> str | None:
+    """A looser check, for a candidate whose gradients cannot be compared with the oracle's:
+    ``None`` if it passes, else why not (one line).
+
+    Inference (eval mode, ``no_grad``): output, h_n and c_n within ``tolerance``. Training
+    (train mode): the same values, unless ``noisy`` (each module draws its own random masks, so
+    values differ); then a backward pass of both, and the gradients of the input and of every
+    parameter must have the oracle's names, shapes and dtypes and be finite. Both modules are
+    left with no gradients.
+    """
+    if mode == "inference":
+        problem = _check_inference(oracle, candidate, batch, tolerance)
+    elif mode == "training":
+        try:
+            problem = _check_training_values(oracle, candidate, batch, None if noisy else tolerance)
+        finally:
+            oracle.zero_grad(set_to_none=True)
+            candidate.zero_grad(set_to_none=True)
+    else:
+        raise ValueError(f"mode is 'inference' or 'training', got {mode!r}")
     return None if problem is None else " ".join(problem.split())
 
 
-def _check_noisy_training(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+def _check_training_values(
+    oracle: nn.Module, candidate: nn.Module, batch: Batch, tolerance: Tolerance | None
+) -> str | None:
+    oracle.train()
+    candidate.train()
     oracle_batch, oracle_leaf = _leaf_batch(batch)
     candidate_batch, candidate_leaf = _leaf_batch(batch)
     expected = _forward(oracle, oracle_batch)
@@ -112,6 +139,10 @@ def _check_noisy_training(oracle: nn.Module, candidate: nn.Module, batch: Batch)
         return actual
     names = ("output", "h_n", "c_n")
     pairs = list(zip(names, _tensors(actual), _tensors(expected), strict=True))
+    if tolerance is not None:
+        problem = _first(_compare_outputs(actual, expected, tolerance))
+        if problem is not None:
+            return problem
     try:
         torch.stack([t.sum() for t in _tensors(actual)]).sum().backward()
     except Exception as error:  # a broken backward is a failed check, not a crashed run
@@ -141,7 +172,9 @@ def _unlike(actual: object, expected: Tensor | None, what: str) -> str | None:
     return None
 
 
-def _check_inference(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
+def _check_inference(
+    oracle: nn.Module, candidate: nn.Module, batch: Batch, tolerance: Tolerance | None = None
+) -> str | None:
     oracle.eval()
     candidate.eval()
     with torch.no_grad():
@@ -149,7 +182,7 @@ def _check_inference(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> s
         actual = _forward_candidate(candidate, batch)
     if isinstance(actual, str):
         return actual
-    return _first(_compare_outputs(actual, expected))
+    return _first(_compare_outputs(actual, expected, tolerance))
 
 
 def _check_training(oracle: nn.Module, candidate: nn.Module, batch: Batch) -> str | None:
@@ -217,7 +250,9 @@ def _weighted_sum(outputs: Outputs, weights: list[Tensor]) -> Tensor:
     return torch.stack(terms).sum()
 
 
-def _compare_outputs(actual: Outputs, expected: Outputs) -> list[str | None]:
+def _compare_outputs(
+    actual: Outputs, expected: Outputs, tolerance: Tolerance | None = None
+) -> list[str | None]:
     problems: list[str | None] = []
     # A packed output must keep the input's order as well as its values.
     if isinstance(expected[0], PackedSequence):
@@ -229,7 +264,7 @@ def _compare_outputs(actual: Outputs, expected: Outputs) -> list[str | None]:
                 problems.append(f"output PackedSequence has different {field}")
     names = ("output", "h_n", "c_n")
     for name, got_tensor, want in zip(names, _tensors(actual), _tensors(expected), strict=True):
-        problems.append(mismatch(got_tensor, want, name))
+        problems.append(mismatch(got_tensor, want, name, tolerance=tolerance))
     return problems
 
 

@@ -4,6 +4,8 @@ For each configuration and mode: build ``torch.nn.LSTM`` (seed 0) and the candid
 same state_dict, check the candidate on the configuration's batch (:mod:`lstmkit.bench.check`),
 and only if it passes, time both interleaved (:mod:`lstmkit.bench.timing`). Prints a table as
 it goes, then the targets summary, and writes a CSV. Exits non-zero if any check failed.
+
+``--variants`` runs :mod:`lstmkit.bench.variants` instead, with the same options.
 """
 
 from __future__ import annotations
