@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, library
-from lstmkit.backends.cpu.function import LayerFunction, contiguous_params, run
+from lstmkit.backends.cpu.function import LayerFunction, run
 from lstmkit.reference import LayerWeights
 
 DTYPES = (torch.float32, torch.float64)
@@ -61,15 +61,12 @@ class CpuBackend(Backend):
         cell_sequence: bool = False,
     ) -> tuple[Tensor, ...]:
         kernels = library.load().kernels[x.dtype]
-        params = contiguous_params(weights)
+        params = [None if w is None else w.contiguous() for layer in weights for w in layer]
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
         if lengths is not None:
             lengths = lengths.contiguous()
-        if torch.is_grad_enabled() and (
-            x.requires_grad
-            or h0.requires_grad
-            or c0.requires_grad
-            or any(p is not None and p.requires_grad for p in params)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h0, c0, *params)
         ):
             return LayerFunction.apply(kernels, lengths, cell_sequence, x, h0, c0, *params)
         _, out, h_n, c_n, cells, _ = run(

@@ -3,26 +3,18 @@ training (gradients for x, h0, c0 and every weight; first derivatives only)."""
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from lstmkit.backends.cpu.library import Grads, Kernels, Layer
-from lstmkit.reference import LayerWeights
+from lstmkit.backends.cpu.library import GRADS, LAYER, Kernels
 
 Param = Tensor | None
+_NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
 
 
-def _address(tensor: Tensor | None) -> int | None:
-    return None if tensor is None else tensor.data_ptr()
-
-
-def _pair(params: list[Param], field: int, directions: int) -> tuple[int | None, int | None]:
-    """Addresses of one kind of weight (field of LayerWeights) for both directions."""
-    first = _address(params[field])
-    return first, _address(params[5 + field]) if directions == 2 else None
+def _addresses(tensors: list[Param] | tuple[Param, ...]) -> list[int]:
+    return [0 if t is None else t.data_ptr() for t in tensors]
 
 
 def run(
@@ -34,19 +26,20 @@ def run(
     lengths: Tensor | None,
     cell_sequence: bool,
     training: bool,
-) -> tuple[Layer, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+) -> tuple[bytes, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The forward kernel on contiguous tensors; ``params`` is the flat LayerWeights of each
-    direction. Returns the layer (for backward), out, h_n, c_n, the cells (with
+    direction. Returns the packed layer (for backward), out, h_n, c_n, the cells (with
     ``cell_sequence`` or ``training``, else None) and what backward needs (training, else None).
     """
     steps, batch, features = x.shape
     directions = len(params) // 5
     h_size, hidden = h0.shape[2], c0.shape[2]
-    out = x.new_empty(steps, batch, directions * h_size)
-    h_n = x.new_empty(directions, batch, h_size)
-    c_n = x.new_empty(directions, batch, hidden)
-    cells = x.new_empty(steps, batch, directions * hidden) if cell_sequence or training else None
-    layer = Layer(
+    new = x.new_empty
+    out = new(steps, batch, directions * h_size)
+    h_n = new(directions, batch, h_size)
+    c_n = new(directions, batch, hidden)
+    cells = new(steps, batch, directions * hidden) if cell_sequence or training else None
+    fields = [
         steps,
         batch,
         features,
@@ -54,28 +47,27 @@ def run(
         h_size,
         directions,
         torch.get_num_threads(),
-        _address(lengths),
+        0 if lengths is None else lengths.data_ptr(),
         x.data_ptr(),
         h0.data_ptr(),
         c0.data_ptr(),
-        *(_pair(params, field, directions) for field in range(5)),
+        *_addresses(params),
+        *(_NO_DIRECTION if directions == 1 else ()),
         out.data_ptr(),
         h_n.data_ptr(),
         c_n.data_ptr(),
-        _address(cells),
-        None,
-    )
+        0 if cells is None else cells.data_ptr(),
+        0,
+    ]
+    layer = LAYER.pack(*fields)
     saved = None
     if training:
-        saved = x.new_empty(kernels.saved_elems(layer))
-        layer.saved = saved.data_ptr()
+        saved = new(kernels.saved_elems(layer))
+        fields[-1] = saved.data_ptr()
+        layer = LAYER.pack(*fields)
     if kernels.forward(layer) != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
     return layer, out, h_n, c_n, cells, saved
-
-
-def contiguous_params(weights: list[LayerWeights]) -> list[Param]:
-    return [None if w is None else w.contiguous() for layer in weights for w in layer]
 
 
 class LayerFunction(torch.autograd.Function):
@@ -100,6 +92,7 @@ class LayerFunction(torch.autograd.Function):
         )
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, h0, c0, out, cells, *params)
+        # The packed layer holds addresses of these tensors; ctx keeps them alive.
         ctx.kernels, ctx.layer, ctx.lengths, ctx.saved = kernels, layer, lengths, saved
         if cell_sequence:
             return out, h_n, c_n, cells
@@ -109,22 +102,17 @@ class LayerFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         x, h0, c0, _, _, *params = ctx.saved_tensors  # checks nothing was modified in place
-        needs = ctx.needs_input_grad[3:]
         wanted = [
             torch.empty_like(t) if t is not None and need else None
-            for t, need in zip((x, h0, c0, *params), needs)
+            for t, need in zip((x, h0, c0, *params), ctx.needs_input_grad[3:])
         ]
         incoming = [None if g is None else g.contiguous() for g in grads]
-        incoming += [None] * (4 - len(incoming))
-        directions = len(params) // 5
-        d_x, d_h0, d_c0, *d_params = wanted
-        result = Grads(
-            *(_address(g) for g in incoming),
-            _address(d_x),
-            _address(d_h0),
-            _address(d_c0),
-            *(_pair(d_params, field, directions) for field in range(5)),
+        incoming += [None] * (4 - len(incoming))  # no cell_sequence: no gradient of cells
+        packed = GRADS.pack(
+            *_addresses(incoming),
+            *_addresses(wanted),
+            *(_NO_DIRECTION if len(params) == 5 else ()),
         )
-        if ctx.kernels.backward(ctx.layer, ctypes.byref(result)) != 0:
+        if ctx.kernels.backward(ctx.layer, packed) != 0:
             raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
         return None, None, None, *wanted

@@ -63,11 +63,10 @@ typedef ival ivec __attribute__((vector_size(LK_VBYTES)));
 static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static int64_t clamp_lanes(int64_t n) { return n < 0 ? 0 : n > V ? V : n; }
 
-/* ---- vectors ---- */
+/* ---- vectors: GCC's generic vectors, with AVX instructions where GCC has no generic form ---- */
 
 /* x - 0 is x exactly (0 + x is not, for x = -0), so this compiles to a plain broadcast. */
 LK_INLINE vec splat(real x) { return x - (vec){}; }
-LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
 LK_INLINE vec vload(const real *p)
 {
     vec v;
@@ -75,7 +74,41 @@ LK_INLINE vec vload(const real *p)
     return v;
 }
 LK_INLINE void vstore(real *p, vec v) { memcpy(p, &v, sizeof v); }
-/* The first n lanes (0 <= n <= V) of p; the others are zero and p[n..] is not read. */
+
+#if defined(__AVX__) && LK_VBYTES == 32
+#include <immintrin.h>
+#if LK_DOUBLE
+typedef __m256d xvec;
+#define X86(name) _mm256_##name##_pd
+static const ivec lane_index = {0, 1, 2, 3};
+#else
+typedef __m256 xvec;
+#define X86(name) _mm256_##name##_ps
+static const ivec lane_index = {0, 1, 2, 3, 4, 5, 6, 7};
+#endif
+/* mask ? a : b, lane by lane (mask lanes all ones or all zeros) */
+LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)X86(blendv)((xvec)b, (xvec)a, (xvec)mask); }
+/* max(lo, x) and min(hi, x); a NaN x stays NaN (the instructions return the second operand). */
+LK_INLINE vec vmax_nan(real lo, vec x) { return (vec)X86(max)((xvec)splat(lo), (xvec)x); }
+LK_INLINE vec vmin_nan(real hi, vec x) { return (vec)X86(min)((xvec)splat(hi), (xvec)x); }
+/* The first n lanes (0 <= n <= V) of p; the others are zero and p[n..] is not touched. */
+LK_INLINE vec vload_n(const real *p, int64_t n)
+{
+    if (n == V)
+        return vload(p);
+    return (vec)X86(maskload)(p, (__m256i)(lane_index < (ival)n));
+}
+LK_INLINE void vstore_n(real *p, vec v, int64_t n)
+{
+    if (n == V)
+        vstore(p, v);
+    else
+        X86(maskstore)(p, (__m256i)(lane_index < (ival)n), (xvec)v);
+}
+#else
+LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
+LK_INLINE vec vmax_nan(real lo, vec x) { return vsel(x < lo, splat(lo), x); }
+LK_INLINE vec vmin_nan(real hi, vec x) { return vsel(x > hi, splat(hi), x); }
 LK_INLINE vec vload_n(const real *p, int64_t n)
 {
     if (n == V)
@@ -91,6 +124,7 @@ LK_INLINE void vstore_n(real *p, vec v, int64_t n)
     else
         memcpy(p, &v, (size_t)n * sizeof(real));
 }
+#endif
 
 /* ---- tanh and sigmoid, vectorised, accurate to float / double rounding (a few ulp) ----
  * exp: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split of ln2), e^r by its Taylor polynomial
@@ -141,8 +175,7 @@ static const real tanh_taylor[] = {
 
 LK_INLINE vec v_exp(vec x)
 {
-    x = vsel(x < EXP_LO, splat(EXP_LO), x);
-    x = vsel(x > EXP_HI, splat(EXP_HI), x);
+    x = vmin_nan(EXP_HI, vmax_nan(EXP_LO, x));
     vec shifted = x * LOG2E + EXP_SHIFTER;
     vec n = shifted - EXP_SHIFTER;
     vec r = x - n * LN2_HI;
@@ -281,7 +314,7 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
     w->Gp = 4 * w->Hp;
     w->Pb = (a->P + W - 1) / W;
     w->Pp = w->Pb * W;
-    w->proj = a->w_hr[d] != NULL;
+    w->proj = a->w[d][LK_W_HR] != NULL;
     w->x = a->x;
     w->h0 = (const real *)a->h0 + d * a->B * a->P;
     w->c0 = (const real *)a->c0 + d * a->B * a->H;
@@ -294,8 +327,9 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
 static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *wp)
 {
     const lk_layer *a = w->a;
-    const real *w_ih = a->w_ih[w->d], *w_hh = a->w_hh[w->d], *w_hr = a->w_hr[w->d];
-    const real *b_ih = a->b_ih[w->d], *b_hh = a->b_hh[w->d];
+    const real *w_ih = a->w[w->d][LK_W_IH], *w_hh = a->w[w->d][LK_W_HH];
+    const real *b_ih = a->w[w->d][LK_B_IH], *b_hh = a->w[w->d][LK_B_HH];
+    const real *w_hr = a->w[w->d][LK_W_HR];
     for (int64_t col = 0; col < w->Gp; col++) {
         int64_t r = torch_row(w, col);
         real *panel_col = wr + col / W * w->P * W + col % W;
@@ -326,7 +360,7 @@ static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *w
 static void pack_backward(const dir_t *w, real *ub, real *wrb)
 {
     const lk_layer *a = w->a;
-    const real *w_hh = a->w_hh[w->d], *w_hr = a->w_hr[w->d];
+    const real *w_hh = a->w[w->d][LK_W_HH], *w_hr = a->w[w->d][LK_W_HR];
     for (int64_t pb = 0; pb < w->Pb; pb++)
         for (int64_t col = 0; col < w->Gp; col++) {
             int64_t r = torch_row(w, col);
@@ -591,7 +625,7 @@ static void forward_direction_fn(const void *dir, int rank, int size, lk_barrier
 
 static double layer_flops(const lk_layer *a)
 {
-    double per_row = 8.0 * a->H * (a->I + a->P) + (a->w_hr[0] ? 2.0 * a->H * a->P : 0);
+    double per_row = 8.0 * a->H * (a->I + a->P) + (a->w[0][LK_W_HR] ? 2.0 * a->H * a->P : 0);
     return per_row * a->T * a->B * a->D;
 }
 
@@ -621,6 +655,8 @@ int SUF(lk_forward)(const lk_layer *a)
     real *work = malloc(elems * sizeof(real) + 64);
     if (work == NULL)
         return -1;
+    const int threads = lk_threads(a, layer_flops(a));
+    const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     real *next = work;
     real *saved = a->saved;
     for (int64_t d = 0; d < a->D; d++) {
@@ -654,8 +690,7 @@ int SUF(lk_forward)(const lk_layer *a)
             gemm(0, 1, a->T * a->B, w->Gp, a->I, 1, w->x, a->I, wx, a->I, 0, w->G, w->Gp);
     }
     if (a->B > 0)
-        run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D,
-                  lk_threads(a, layer_flops(a)));
+        run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
         const dir_t *w = &dirs[d];
         for (int64_t b = 0; b < a->B; b++) {
@@ -667,6 +702,8 @@ int SUF(lk_forward)(const lk_layer *a)
             memcpy((real *)a->c_n + (d * a->B + b) * a->H, c, (size_t)a->H * sizeof(real));
         }
     }
+    if (lk_blas_threads)
+        lk_blas_threads(blas_threads);
     free(work);
     return 0;
 }
@@ -826,15 +863,16 @@ static void parameter_grads(const bdir_t *w, real *tmp)
     const lk_layer *a = f->a;
     const lk_grads *g = w->g;
     const int64_t d = f->d, TB = f->T * f->B, DP = f->D * f->P;
-    if (g->d_b_ih[d] != NULL)
-        unpermute(f, w->db, g->d_b_ih[d], 1);
-    if (g->d_b_hh[d] != NULL)
-        unpermute(f, w->db, g->d_b_hh[d], 1);
-    if (g->d_w_ih[d] != NULL) {
+    void *const *dw = g->d_w[d];
+    if (dw[LK_B_IH] != NULL)
+        unpermute(f, w->db, dw[LK_B_IH], 1);
+    if (dw[LK_B_HH] != NULL)
+        unpermute(f, w->db, dw[LK_B_HH], 1);
+    if (dw[LK_W_IH] != NULL) {
         gemm(1, 0, f->Gp, f->I, TB, 1, w->dA, f->Gp, f->x, f->I, 0, tmp, f->I);
-        unpermute(f, tmp, g->d_w_ih[d], f->I);
+        unpermute(f, tmp, dw[LK_W_IH], f->I);
     }
-    if (g->d_w_hh[d] != NULL) {
+    if (dw[LK_W_HH] != NULL) {
         /* h_{t-1} of every row is the output of the step before, except at a row's first
          * step (t = 0 forward, t = length-1 backward), where it is h0. Padded outputs are
          * zero, so the shifted product only needs the h0 rows added. */
@@ -855,10 +893,10 @@ static void parameter_grads(const bdir_t *w, real *tmp)
         }
         gemm(1, 0, f->Gp, f->P, f->rev ? n0 : f->B, 1, start, f->Gp, f->h0, f->P, 1, tmp, f->P);
         free(gathered);
-        unpermute(f, tmp, g->d_w_hh[d], f->P);
+        unpermute(f, tmp, dw[LK_W_HH], f->P);
     }
-    if (g->d_w_hr[d] != NULL)
-        gemm(1, 0, f->P, f->H, TB, 1, w->dhs, f->Pp, f->m, f->Hp, 0, g->d_w_hr[d], f->H);
+    if (dw[LK_W_HR] != NULL)
+        gemm(1, 0, f->P, f->H, TB, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
     if (g->d_x != NULL)
         gemm(0, 0, TB, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, d == 0 ? 0 : 1, g->d_x, f->I);
     for (int64_t b = 0; b < f->B; b++) {
@@ -921,17 +959,20 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         for (int64_t col = 0; col < f->Gp; col++) { /* permuted W_ih rows for dx = dA W_ih */
             int64_t r = torch_row(f, col);
             if (r >= 0)
-                memcpy(wx + col * f->I, (const real *)a->w_ih[d] + r * f->I,
+                memcpy(wx + col * f->I, (const real *)a->w[d][LK_W_IH] + r * f->I,
                        (size_t)f->I * sizeof(real));
             else
                 memset(wx + col * f->I, 0, (size_t)f->I * sizeof(real));
         }
         w->ub = ub, w->wrb = wrb, f->wx = wx;
     }
-    run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D,
-              lk_threads(a, 2 * layer_flops(a)));
+    const int threads = lk_threads(a, 2 * layer_flops(a));
+    const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
+    run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++)
         parameter_grads(&dirs[d], next);
+    if (lk_blas_threads)
+        lk_blas_threads(blas_threads);
     free(work);
     return 0;
 }

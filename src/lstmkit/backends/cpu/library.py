@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -20,48 +21,15 @@ import torch
 from lstmkit.backends.cpu import build
 
 _ptr = ctypes.c_void_p
-_pair = ctypes.c_void_p * 2
 
-
-class Layer(ctypes.Structure):
-    """``lk_layer``: one layer's sizes and tensors (raw pointers; the caller keeps them alive)."""
-
-    _fields_ = [
-        *((name, ctypes.c_int64) for name in ("T", "B", "I", "H", "P", "D", "threads")),
-        ("lengths", _ptr),
-        ("x", _ptr),
-        ("h0", _ptr),
-        ("c0", _ptr),
-        ("w_ih", _pair),
-        ("w_hh", _pair),
-        ("b_ih", _pair),
-        ("b_hh", _pair),
-        ("w_hr", _pair),
-        ("out", _ptr),
-        ("h_n", _ptr),
-        ("c_n", _ptr),
-        ("cells", _ptr),
-        ("saved", _ptr),
-    ]
-
-
-class Grads(ctypes.Structure):
-    """``lk_grads``: incoming gradients (NULL: zero) and wanted ones (NULL: not needed)."""
-
-    _fields_ = [
-        ("d_out", _ptr),
-        ("d_h_n", _ptr),
-        ("d_c_n", _ptr),
-        ("d_cells", _ptr),
-        ("d_x", _ptr),
-        ("d_h0", _ptr),
-        ("d_c0", _ptr),
-        ("d_w_ih", _pair),
-        ("d_w_hh", _pair),
-        ("d_b_ih", _pair),
-        ("d_b_hh", _pair),
-        ("d_w_hr", _pair),
-    ]
+# lk_layer and lk_grads of lstm.h, packed: every field is 8 bytes, sizes int64 and addresses
+# uint64 (0 for NULL). Packing a struct.Struct costs well under a microsecond, building a
+# ctypes.Structure several. lk_layer: T B I H P D threads, then the addresses of lengths x h0
+# c0, the weights (direction-major, each direction as lstmkit.reference.LayerWeights: w_ih
+# w_hh b_ih b_hh w_hr; 0 for the second direction when there is one), out h_n c_n cells saved.
+# lk_grads: d_out d_h_n d_c_n d_cells d_x d_h0 d_c0, then the weights' gradients likewise.
+LAYER = struct.Struct("=7q19Q")
+GRADS = struct.Struct("=17Q")
 
 
 @dataclass(frozen=True)
@@ -129,9 +97,15 @@ def _load() -> Library:
         cdll = ctypes.CDLL(str(path))
     except OSError as error:
         raise build.BuildError(f"cannot load {path}: {error}") from error
-    cdll.lk_set_blas.argtypes = [_ptr, _ptr]
+    sizes = (cdll.lk_layer_bytes(), cdll.lk_grads_bytes())
+    if sizes != (LAYER.size, GRADS.size):
+        raise build.BuildError(
+            f"{path} does not match this lstmkit: its lk_layer and lk_grads take {sizes} bytes,"
+            f" lstmkit packs {(LAYER.size, GRADS.size)}"
+        )
+    cdll.lk_set_blas.argtypes = [_ptr, _ptr, _ptr]
     cdll.lk_set_blas.restype = None
-    layer, grads = ctypes.POINTER(Layer), ctypes.POINTER(Grads)
+    layer, grads = ctypes.c_char_p, ctypes.c_char_p  # packed LAYER and GRADS
     kernels = {
         dtype: Kernels(
             forward=_function(cdll, f"lk_forward_{suffix}", ctypes.c_int, [layer]),
@@ -167,17 +141,18 @@ def use_builtin_gemm(builtin: bool) -> str:
 def _set_blas(cdll: ctypes.CDLL, builtin: bool) -> str:
     found = None if builtin else _find_blas()
     if found is None:
-        cdll.lk_set_blas(None, None)
+        cdll.lk_set_blas(None, None, None)
         why = "as asked" if builtin else "no working sgemm_/dgemm_ in torch's libraries"
         return f"lstmkit's own GEMM loop ({why})"
-    sgemm, dgemm, where = found
-    cdll.lk_set_blas(sgemm, dgemm)
+    sgemm, dgemm, threads, where = found
+    cdll.lk_set_blas(sgemm, dgemm, threads)
     return where
 
 
 @functools.cache
-def _find_blas() -> tuple[int, int, str] | None:
-    """Addresses of a working LP64 ``sgemm_``/``dgemm_`` in torch's own libraries, and where."""
+def _find_blas() -> tuple[int, int, int | None, str] | None:
+    """Addresses of a working LP64 ``sgemm_``/``dgemm_`` in torch's own libraries, of MKL's
+    per-thread thread-count setter if there is one, and where they are, in words."""
     kind = "MKL" if torch.backends.mkl.is_available() else "BLAS"
     lib_dir = Path(torch.__file__).resolve().parent / "lib"
     for path in sorted(lib_dir.glob("libtorch_cpu.*")):
@@ -187,10 +162,18 @@ def _find_blas() -> tuple[int, int, str] | None:
         except (OSError, AttributeError):
             continue
         if _gemm_works(sgemm, ctypes.c_float) and _gemm_works(dgemm, ctypes.c_double):
-            sgemm_address = ctypes.cast(sgemm, _ptr).value
-            dgemm_address = ctypes.cast(dgemm, _ptr).value
-            return sgemm_address, dgemm_address, f"{kind} sgemm_/dgemm_ from torch's {path.name}"
+            threads = getattr(lib, "MKL_Set_Num_Threads_Local", None)
+            return (
+                _address(sgemm),
+                _address(dgemm),
+                None if threads is None else _address(threads),
+                f"{kind} sgemm_/dgemm_ from torch's {path.name}",
+            )
     return None
+
+
+def _address(function: ctypes._CFuncPtr) -> int:
+    return ctypes.cast(function, _ptr).value
 
 
 def _gemm_works(gemm: ctypes._CFuncPtr, real: type) -> bool:

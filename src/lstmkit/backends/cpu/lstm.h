@@ -18,16 +18,25 @@
  * second one costs more than it saves, and much more when another process holds a core. */
 #define LK_SERIAL_FLOPS 4.0e7
 
-/* One layer, as lstmkit.backends.cpu passes it. Tensors are contiguous, of one dtype. */
+/* A direction's weights, in the order of lstmkit.reference.LayerWeights. */
+enum lk_weight {
+    LK_W_IH, /* (G, I) */
+    LK_W_HH, /* (G, P) */
+    LK_B_IH, /* (G,) or NULL */
+    LK_B_HH, /* (G,) or NULL */
+    LK_W_HR, /* (P, H) or NULL */
+    LK_WEIGHTS
+};
+
+/* One layer, as lstmkit.backends.cpu passes it (every field 8 bytes, mirrored there by a
+ * struct.Struct). Tensors are contiguous, of one dtype. */
 typedef struct {
     int64_t T, B, I, H, P, D;
     int64_t threads;        /* most threads to use: torch.get_num_threads() */
     const int64_t *lengths; /* (B,) non-increasing, in [0, T]; NULL: every sequence has T steps */
     const void *x;          /* (T, B, I) */
     const void *h0, *c0;    /* (D, B, P), (D, B, H) */
-    const void *w_ih[2], *w_hh[2]; /* (G, I), (G, P) per direction */
-    const void *b_ih[2], *b_hh[2]; /* (G,) or NULL */
-    const void *w_hr[2];           /* (P, H) or NULL */
+    const void *w[2][LK_WEIGHTS];  /* per direction, in torch's layout (see lk_weight) */
     void *out;                     /* (T, B, D*P) */
     void *h_n, *c_n;               /* (D, B, P), (D, B, H) */
     void *cells;                   /* (T, B, D*H) every cell state, or NULL (inference) */
@@ -38,7 +47,7 @@ typedef struct {
 typedef struct {
     const void *d_out, *d_h_n, *d_c_n, *d_cells;
     void *d_x, *d_h0, *d_c0;
-    void *d_w_ih[2], *d_w_hh[2], *d_b_ih[2], *d_b_hh[2], *d_w_hr[2];
+    void *d_w[2][LK_WEIGHTS];
 } lk_grads;
 
 /* ---- BLAS: Fortran gemm from a library the caller found (torch's MKL), else a plain loop ---- */
@@ -51,6 +60,10 @@ typedef void (*lk_dgemm_fn)(const char *, const char *, const int *, const int *
                             const int *, const double *, double *, const int *);
 extern lk_sgemm_fn lk_sgemm; /* NULL: no BLAS, the kernels' own loop is used */
 extern lk_dgemm_fn lk_dgemm;
+/* The BLAS's thread count for the calling thread (MKL_Set_Num_Threads_Local: returns the old
+ * one, 0 meaning "the global setting"), or NULL if the BLAS has no such control. */
+typedef int (*lk_blas_threads_fn)(int);
+extern lk_blas_threads_fn lk_blas_threads;
 
 /* ---- a barrier for one team: sense-reversing, spinning, yielding when a core is taken ---- */
 
