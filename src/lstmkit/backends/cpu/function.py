@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 
 from lstmkit.backends.cpu.library import GRADS, LAYER, Kernels
 
@@ -99,20 +99,57 @@ class LayerFunction(torch.autograd.Function):
         return out, h_n, c_n
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         x, h0, c0, _, _, *params = ctx.saved_tensors  # checks nothing was modified in place
-        wanted = [
-            torch.empty_like(t) if t is not None and need else None
-            for t, need in zip((x, h0, c0, *params), ctx.needs_input_grad[3:])
-        ]
-        incoming = [None if g is None else g.contiguous() for g in grads]
-        incoming += [None] * (4 - len(incoming))  # no cell_sequence: no gradient of cells
-        packed = GRADS.pack(
-            *_addresses(incoming),
-            *_addresses(wanted),
-            *(_NO_DIRECTION if len(params) == 5 else ()),
-        )
-        if ctx.kernels.backward(ctx.layer, packed) != 0:
-            raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
-        return None, None, None, *wanted
+        with torch.no_grad():
+            result = _backward(ctx, x, h0, c0, params, grads)
+        anchor = next((t for t in (x, h0, c0, *params) if t is not None and t.requires_grad), None)
+        if torch.is_grad_enabled() and anchor is not None:  # create_graph=True
+            computed = _FirstDerivativesOnly.apply(anchor, *(r for r in result if r is not None))
+            rest = iter(computed)
+            result = tuple(None if r is None else next(rest) for r in result)
+        return None, None, None, *result
+
+
+DOUBLE_BACKWARD = (
+    "lstmkit's cpu backend computes first derivatives only: its gradients cannot be "
+    "differentiated again (double backward through create_graph=True). Run with "
+    "LSTMKIT_BACKEND=reference for higher derivatives."
+)
+
+
+class _FirstDerivativesOnly(torch.autograd.Function):
+    """Hands the gradients on unchanged; differentiating them raises DOUBLE_BACKWARD."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
+        return tuple(g.view_as(g) for g in grads)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        raise RuntimeError(DOUBLE_BACKWARD)
+
+
+def _backward(
+    ctx: FunctionCtx,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: list[Param],
+    grads: tuple[Tensor | None, ...],
+) -> tuple[Tensor | None, ...]:
+    """The C backward: gradients of x, h0, c0 and every param (None where not needed)."""
+    wanted = [
+        torch.empty_like(t) if t is not None and need else None
+        for t, need in zip((x, h0, c0, *params), ctx.needs_input_grad[3:])
+    ]
+    incoming = [None if g is None else g.contiguous() for g in grads]
+    incoming += [None] * (4 - len(incoming))  # no cell_sequence: no gradient of cells
+    packed = GRADS.pack(
+        *_addresses(incoming),
+        *_addresses(wanted),
+        *(_NO_DIRECTION if len(params) == 5 else ()),
+    )
+    if ctx.kernels.backward(ctx.layer, packed) != 0:
+        raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
+    return tuple(wanted)

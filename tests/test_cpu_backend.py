@@ -1,0 +1,290 @@
+"""The cpu backend against the reference, directly, and how it is built, chosen and shared."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+import lstmkit
+from compare import assert_close
+from lstmkit import backends, reference
+from lstmkit.backends.cpu import BACKEND, build, library
+from lstmkit.reference import LayerWeights
+
+DTYPES = [torch.float32, torch.float64]
+
+
+@dataclass(frozen=True)
+class Layer:
+    name: str
+    steps: int
+    batch: int
+    inputs: int
+    hidden: int
+    proj: int = 0
+    directions: int = 1
+    bias: bool = True
+    lengths: tuple[int, ...] = ()
+    cells: bool = False
+
+
+# Batch sizes cover every register tile (1..5 leftover rows, whole tiles of 6), hidden sizes
+# full and partial vector blocks, lengths zeros and sequences that end at different steps.
+LAYERS = [
+    Layer("tiny", 5, 3, 10, 20, directions=2),
+    Layer("one-unit", 4, 2, 3, 1),
+    Layer("batch-1", 9, 1, 4, 16),
+    Layer("batch-13-bi", 6, 13, 5, 17, directions=2),
+    Layer("proj-no-bias", 5, 7, 4, 11, proj=5, directions=2, bias=False),
+    Layer("lengths", 7, 5, 4, 9, directions=2, lengths=(7, 6, 4, 2, 0)),
+    Layer(
+        "lengths-proj-cells", 6, 8, 3, 12, proj=7, directions=2, lengths=(6, 6, 5, 3, 3, 1, 0, 0)
+    ),
+    Layer("all-zero-lengths", 3, 2, 4, 8, directions=2, lengths=(0, 0), cells=True),
+    Layer("cells", 5, 6, 5, 40, directions=2, cells=True),
+    Layer("long", 300, 2, 3, 8, directions=2, lengths=(300, 170)),
+    Layer("threads", 8, 24, 64, 96, directions=1),  # enough work for a team of threads
+    Layer("threads-proj", 8, 24, 64, 96, proj=40, directions=1, lengths=(8,) * 20 + (5, 3, 2, 0)),
+]
+
+
+def make_layer(layer: Layer, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list]:
+    """x, h0, c0 and the weights of a layer, torch's init, every tensor requiring grad."""
+    torch.manual_seed(0)
+    module = lstmkit.LSTM(
+        layer.inputs,
+        layer.hidden,
+        bias=layer.bias,
+        bidirectional=layer.directions == 2,
+        proj_size=layer.proj,
+        dtype=dtype,
+    )
+    weights = module.layer_weights()[0]
+    h_size = layer.proj or layer.hidden
+    x = torch.randn(layer.steps, layer.batch, layer.inputs, dtype=dtype)
+    if layer.lengths:
+        valid = torch.arange(layer.steps).unsqueeze(1) < torch.tensor(layer.lengths)
+        x = x * valid.unsqueeze(2)
+    h0 = torch.randn(layer.directions, layer.batch, h_size, dtype=dtype)
+    c0 = torch.randn(layer.directions, layer.batch, layer.hidden, dtype=dtype)
+    return x.requires_grad_(), h0.requires_grad_(), c0.requires_grad_(), weights
+
+
+def run_both(layer: Layer, dtype: torch.dtype) -> None:
+    x, h0, c0, weights = make_layer(layer, dtype)
+    lengths = torch.tensor(layer.lengths) if layer.lengths else None
+    inputs = [x, h0, c0] + [w for d in weights for w in d if w is not None]
+    expected = reference.lstm_layer(x, h0, c0, weights, lengths, layer.cells)
+    actual = BACKEND.run_layer(x, h0, c0, weights, lengths, layer.cells)
+    names = ["output", "h_n", "c_n", "cells"]
+    for name, a, e in zip(names, actual, expected):
+        assert_close(a, e, name)
+    seeds = [torch.randn_like(e) for e in expected]
+    grads_expected = torch.autograd.grad(expected, inputs, seeds)
+    grads_actual = torch.autograd.grad(actual, inputs, seeds)
+    grad_names = ["x", "h0", "c0"] + [
+        f"{kind} direction {d}"
+        for d, w in enumerate(weights)
+        for kind, t in zip(LayerWeights._fields, w)
+        if t is not None
+    ]
+    for name, a, e in zip(grad_names, grads_actual, grads_expected):
+        assert_close(a, e, f"grad {name}", "grad")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("layer", LAYERS, ids=lambda c: c.name)
+def test_matches_reference(layer: Layer, dtype: torch.dtype) -> None:
+    run_both(layer, dtype)
+
+
+@pytest.fixture
+def builtin_gemm():
+    """The kernels' own GEMM loop instead of the BLAS, for one test."""
+    yield library.use_builtin_gemm(True)
+    library.use_builtin_gemm(False)
+
+
+@pytest.mark.parametrize("layer", [LAYERS[0], LAYERS[6]], ids=lambda c: c.name)
+def test_matches_reference_without_blas(layer: Layer, builtin_gemm: str) -> None:
+    assert "own GEMM loop" in builtin_gemm
+    run_both(layer, torch.float64)
+
+
+def test_inference_keeps_nothing_and_matches_training() -> None:
+    x, h0, c0, weights = make_layer(LAYERS[5], torch.float32)
+    lengths = torch.tensor(LAYERS[5].lengths)
+    trained = BACKEND.run_layer(x, h0, c0, weights, lengths)
+    with torch.no_grad():
+        inferred = BACKEND.run_layer(x, h0, c0, weights, lengths)
+    assert all(t.grad_fn is None for t in inferred)
+    for a, e in zip(inferred, trained):
+        assert torch.equal(a, e.detach())
+
+
+def test_second_backward_with_retained_graph() -> None:
+    x, h0, c0, weights = make_layer(LAYERS[4], torch.float64)
+    out, h_n, c_n = BACKEND.run_layer(x, h0, c0, weights, None)
+    loss = out.square().sum() + h_n.sum() + c_n.sum()
+    first = torch.autograd.grad(loss, [x, weights[0].weight_hh], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, weights[0].weight_hh])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+def test_double_backward_raises_clearly() -> None:
+    x, h0, c0, weights = make_layer(LAYERS[0], torch.float64)
+    out, _, _ = BACKEND.run_layer(x, h0, c0, weights, None)
+    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        grad_x.sum().backward()
+
+
+def test_approximations_are_accurate() -> None:
+    """tanh and sigmoid of the kernels within a few units in the last place, on a dense grid."""
+    kernels = library.load().kernels
+    grid = torch.linspace(-12, 12, 2_000_003, dtype=torch.float64)
+    grid = torch.cat([grid, torch.logspace(-30, 1, 100_000, dtype=torch.float64)])
+    for dtype, limit in ((torch.float32, 3.0), (torch.float64, 4.0)):
+        x = grid.to(dtype)
+        exact = {"tanh": torch.tanh(x.double()), "sigmoid": torch.sigmoid(x.double())}
+        for name, function in (("tanh", kernels[dtype].tanh), ("sigmoid", kernels[dtype].sigmoid)):
+            y = torch.empty_like(x)
+            function(x.data_ptr(), y.data_ptr(), x.numel())
+            rounded = exact[name].to(dtype)
+            ulp = (
+                torch.nextafter(rounded.abs(), torch.tensor(torch.inf, dtype=dtype)) - rounded.abs()
+            )
+            error = ((y.double() - exact[name]).abs() / ulp.double()).max().item()
+            assert error <= limit, f"{name} {dtype}: {error:.2f} ulp"
+
+
+def test_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    for dtype in DTYPES:
+        lstmkit.LSTM(3, 4, dtype=dtype)(torch.randn(2, 1, 3, dtype=dtype))
+        choice = backends.last_choice()
+        assert choice.backend == "cpu" and not choice.forced
+
+
+def test_environment_forces_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(backends.BACKEND_ENV, "reference")
+    lstmkit.LSTM(3, 4)(torch.randn(2, 1, 3))
+    assert backends.last_choice().backend == "reference"
+    assert backends.last_choice().forced
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_unsupported_dtype_falls_back_with_reason(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    lstmkit.LSTM(3, 4, dtype=dtype)(torch.randn(2, 1, 3, dtype=dtype))
+    choice = backends.last_choice()
+    assert choice.backend == "reference"
+    name = str(dtype).replace("torch.", "")
+    assert choice.passed_over == (("cpu", f"supports float32 and float64 only, not {name}"),)
+    assert f"cpu not used: supports float32 and float64 only, not {name}" in str(choice)
+
+
+def test_forcing_cpu_on_unsupported_dtype_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(backends.BACKEND_ENV, "cpu")
+    with pytest.raises(RuntimeError, match="supports float32 and float64 only, not bfloat16"):
+        lstmkit.LSTM(3, 4, dtype=torch.bfloat16)(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+
+
+def test_description_and_warmup_name_the_gemm() -> None:
+    loaded = library.load()
+    assert loaded.blas in BACKEND.description
+    assert loaded.blas in BACKEND.warmup()
+    assert str(loaded.path) in BACKEND.warmup()
+
+
+def test_threads_calling_one_module_agree() -> None:
+    """Several Python threads running one module at once get the single-threaded results."""
+    torch.manual_seed(0)
+    module = lstmkit.LSTM(32, 64, num_layers=2, bidirectional=True, proj_size=24)
+    x = torch.randn(30, 12, 32)
+    with torch.no_grad():
+        expected = module(x)[0]
+    results: list[Tensor] = []
+    start = threading.Barrier(4)
+
+    def worker() -> None:
+        start.wait()
+        for _ in range(3):
+            with torch.no_grad():
+                results.append(module(x)[0])
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(results) == 12
+    for result in results:
+        assert torch.equal(result, expected)
+
+
+def test_threads_training_separate_graphs_agree() -> None:
+    torch.manual_seed(0)
+    module = lstmkit.LSTM(16, 48, bidirectional=True)
+    inputs = [torch.randn(20, 9, 16, requires_grad=True) for _ in range(4)]
+
+    def grads(x: Tensor) -> list[Tensor]:
+        out, (h, c) = module(x)
+        return list(torch.autograd.grad(out.sum() + h.sum() + c.sum(), [x, *module.parameters()]))
+
+    expected = [grads(x) for x in inputs]
+    actual: dict[int, list[Tensor]] = {}
+    start = threading.Barrier(len(inputs))
+
+    def worker(k: int) -> None:
+        start.wait()
+        actual[k] = grads(inputs[k])
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for k, grads_k in enumerate(expected):
+        for a, e in zip(actual[k], grads_k):
+            assert torch.equal(a, e)
+
+
+def test_build_into_a_fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LSTMKIT_CACHE_DIR", str(tmp_path))
+    compiler = build.find_compiler()
+    assert compiler is not None
+    target = build.library_path(compiler)
+    assert target.parent == tmp_path and not target.exists()
+    build.build(compiler, target)
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary files left
+    loaded = ctypes.CDLL(str(target))
+    assert loaded.lk_layer_bytes() == library.LAYER.size
+
+
+def test_build_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(build, "find_compiler", lambda: None)
+    with pytest.raises(build.BuildError, match="no C compiler found"):
+        library._load()
+
+
+def test_import_compiles_nothing(tmp_path: Path) -> None:
+    env = dict(os.environ, LSTMKIT_CACHE_DIR=str(tmp_path / "cache"))
+    code = "import lstmkit, lstmkit.backends.cpu; print('ok')"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "ok"
+    assert not (tmp_path / "cache").exists()
