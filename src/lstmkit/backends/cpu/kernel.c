@@ -27,10 +27,13 @@
  *
  * Variable lengths: lengths are sorted non-increasing, so the sequences active at step t are
  * rows 0..n_t-1; a step touches only those rows. Rows whose state starts at this step (t = 0
- * forward, t = length-1 backward) read h0 and c0 instead of the previous step.
+ * forward, t = length-1 backward) read h0 and c0 instead of the previous step. Internal
+ * per-step buffers (gates, their gradients, m, dh) are packed like a PackedSequence: row
+ * (t, b) is off[t] + b, R = off[T] rows in all, so no GEMM works on padding; the input is
+ * packed the same way before its projection.
  *
- * Kept for backward (training only, in `saved`): the activated gates (T, B, Gp) and, with
- * proj_size, m = o * tanh(c) (T, B, Hp); the cell states are the `cells` tensor (T, B, D*H) and
+ * Kept for backward (training only, in `saved`): the activated gates (R, Gp) and, with
+ * proj_size, m = o * tanh(c) (R, Hp); the cell states are the `cells` tensor (T, B, D*H) and
  * h is the output. Backward walks the steps in reverse, writing the gate gradients dA into a
  * buffer of its own (the kept gates stay intact, so backward can run twice with retain_graph);
  * dh_{t-1} = dA_t W_hh is split by columns of P (two barriers per step), the bias
@@ -246,16 +249,17 @@ typedef struct {
     int64_t Hb, Hp, Gp; /* unit blocks, padded units, padded gate columns */
     int64_t Pb, Pp;     /* panels of W columns over P, padded P */
     int proj, keep;     /* proj_size > 0; training (keep the gates) */
+    const int64_t *off; /* (T + 1) packed row of (t, 0): the active rows of the steps before */
     const real *x, *h0, *c0;
+    const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
     real *out, *cells, *ring; /* ring: (2, B, H) last two cell states when cells is NULL */
-    real *G;                  /* (T, B, Gp) gates: input projection, then activations, then dA */
-    real *m;                  /* proj: m = o * tanh(c), (T, B, Hp) kept or (B, Hp) */
-    int64_t m_step;           /* elements between steps of m: B * Hp or 0 */
+    real *G;                  /* (R, Gp) gates, packed: input projection, then activations */
+    real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
     /* forward weights, packed */
-    const real *wx;   /* (Gp, I) permuted rows of W_ih */
-    const real *bias; /* (Gp) b_ih + b_hh */
-    const real *wr;   /* (Hb, P, W) W_hh^T panels, one per unit block */
-    const real *wp;   /* proj: (Pb, Hp, W) W_hr^T panels */
+    real *wx;   /* (Gp, I) permuted rows of W_ih */
+    real *bias; /* (Gp) b_ih + b_hh */
+    real *wr;   /* (Hb, P, W) W_hh^T panels, one per unit block */
+    real *wp;   /* proj: (Pb, Hp, W) W_hr^T panels */
 } dir_t;
 
 static real *out_row(const dir_t *w, int64_t t, int64_t b)
@@ -268,8 +272,11 @@ static real *cell_row(const dir_t *w, int64_t t, int64_t b)
         return w->cells + (t * w->B + b) * w->D * w->H + w->d * w->H;
     return w->ring + ((t & 1) * w->B + b) * w->H;
 }
-static real *gate_row(const dir_t *w, int64_t t, int64_t b) { return w->G + (t * w->B + b) * w->Gp; }
-static real *m_row(const dir_t *w, int64_t t, int64_t b) { return w->m + t * w->m_step + b * w->Hp; }
+static real *gate_row(const dir_t *w, int64_t t, int64_t b) { return w->G + (w->off[t] + b) * w->Gp; }
+static real *m_row(const dir_t *w, int64_t t, int64_t b)
+{
+    return w->m + (w->keep ? w->off[t] + b : b) * w->Hp;
+}
 
 /* Where step t's row b takes its previous state from: the step before in this direction's
  * order, or the initial state for rows that start at t (the first `fresh` rows continue). */
@@ -629,68 +636,107 @@ static double layer_flops(const lk_layer *a)
     return per_row * a->T * a->B * a->D;
 }
 
+/* ---- workspaces: carved from one block; a first pass with base NULL only measures ---- */
+
+typedef struct {
+    char *base;
+    size_t used;
+} arena_t;
+
+static void *take(arena_t *arena, size_t count, size_t size)
+{
+    void *p = arena->base + arena->used;
+    arena->used += (count * size + 63) / 64 * 64;
+    return p;
+}
+#define TAKE(arena, count) ((real *)take(arena, (size_t)(count), sizeof(real)))
+
+/* off[t] = active rows of the steps before t, so off[T] = R. */
+static void fill_offsets(const lk_layer *a, int64_t *off)
+{
+    off[0] = 0;
+    for (int64_t t = 0; t < a->T; t++)
+        off[t + 1] = off[t] + lk_active(a, t);
+}
+
+static int64_t packed_rows(const lk_layer *a)
+{
+    int64_t rows = 0;
+    for (int64_t t = 0; t < a->T; t++)
+        rows += lk_active(a, t);
+    return rows;
+}
+
+/* x packed by steps (rows off[t] + b), for lengths; the padded x itself otherwise. */
+static const real *pack_input(const lk_layer *a, const int64_t *off, real *xp)
+{
+    if (a->lengths == NULL)
+        return a->x;
+    for (int64_t t = 0; t < a->T; t++)
+        memcpy(xp + off[t] * a->I, (const real *)a->x + t * a->B * a->I,
+               (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
+    return xp;
+}
+
 /* Elements of `saved` that a training forward needs (see the file comment). */
 int64_t SUF(lk_saved_elems)(const lk_layer *a)
 {
     dir_t w;
     geometry(&w, a, 0);
-    return a->D * a->T * a->B * (w.Gp + (w.proj ? w.Hp : 0));
+    return a->D * packed_rows(a) * (w.Gp + (w.proj ? w.Hp : 0));
+}
+
+static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char *base)
+{
+    arena_t arena = {base, 0};
+    int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
+    real *xp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
+    real *saved = a->saved;
+    for (int64_t d = 0; d < a->D; d++) {
+        dir_t *w = &dirs[d];
+        w->off = off;
+        w->xp = xp;
+        w->wx = TAKE(&arena, w->Gp * w->I);
+        w->bias = TAKE(&arena, w->Gp);
+        w->wr = TAKE(&arena, w->Hb * w->P * W);
+        w->wp = w->proj ? TAKE(&arena, w->Pb * w->Hp * W) : NULL;
+        if (w->keep) {
+            w->G = saved;
+            w->m = w->proj ? saved + R * w->Gp : NULL;
+            saved += R * (w->Gp + (w->proj ? w->Hp : 0));
+        } else {
+            w->G = TAKE(&arena, R * w->Gp);
+            w->m = w->proj ? TAKE(&arena, a->B * w->Hp) : NULL;
+        }
+        w->ring = a->cells == NULL ? TAKE(&arena, 2 * a->B * a->H) : NULL;
+    }
+    return arena.used;
 }
 
 /* Forward through one layer. 0 on success, -1 if memory ran out. */
 int SUF(lk_forward)(const lk_layer *a)
 {
     dir_t dirs[2];
-    size_t elems = 0;
     for (int64_t d = 0; d < a->D; d++) {
-        dir_t *w = &dirs[d];
-        geometry(w, a, d);
-        w->keep = a->saved != NULL;
-        elems += w->Gp * w->I + w->Gp + w->Hb * w->P * W + (w->proj ? w->Pb * w->Hp * W : 0);
-        if (!w->keep)
-            elems += a->T * a->B * w->Gp + (w->proj ? a->B * w->Hp : 0);
-        if (a->cells == NULL)
-            elems += 2 * a->B * a->H;
+        geometry(&dirs[d], a, d);
+        dirs[d].keep = a->saved != NULL;
     }
-    real *work = malloc(elems * sizeof(real) + 64);
+    const int64_t R = packed_rows(a);
+    char *work = malloc(forward_workspace(dirs, a, R, NULL));
     if (work == NULL)
         return -1;
+    forward_workspace(dirs, a, R, work);
+    fill_offsets(a, (int64_t *)dirs[0].off);
+    const real *xp = pack_input(a, dirs[0].off, (real *)dirs[0].xp);
     const int threads = lk_threads(a, layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
-    real *next = work;
-    real *saved = a->saved;
     for (int64_t d = 0; d < a->D; d++) {
         dir_t *w = &dirs[d];
-        real *wx = next, *bias = wx + w->Gp * w->I, *wr = bias + w->Gp;
-        real *wp = wr + w->Hb * w->P * W;
-        next = wp + (w->proj ? w->Pb * w->Hp * W : 0);
-        if (w->keep) {
-            w->G = saved;
-            saved += a->T * a->B * w->Gp;
-            if (w->proj) {
-                w->m = saved;
-                w->m_step = a->B * w->Hp;
-                saved += a->T * a->B * w->Hp;
-            }
-        } else {
-            w->G = next;
-            next += a->T * a->B * w->Gp;
-            if (w->proj) {
-                w->m = next;
-                next += a->B * w->Hp;
-            }
-        }
-        if (a->cells == NULL) {
-            w->ring = next;
-            next += 2 * a->B * a->H;
-        }
-        pack_forward(w, wx, bias, wr, wp);
-        w->wx = wx, w->bias = bias, w->wr = wr, w->wp = wp;
-        if (a->B > 0) /* input projection for every step: G = x W_ih^T (bias added per tile) */
-            gemm(0, 1, a->T * a->B, w->Gp, a->I, 1, w->x, a->I, wx, a->I, 0, w->G, w->Gp);
+        pack_forward(w, w->wx, w->bias, w->wr, w->wp);
+        /* the input projection of every step, one GEMM: G = x W_ih^T (bias added per tile) */
+        gemm(0, 1, R, w->Gp, a->I, 1, xp, a->I, w->wx, a->I, 0, w->G, w->Gp);
     }
-    if (a->B > 0)
-        run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
+    run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
         const dir_t *w = &dirs[d];
         for (int64_t b = 0; b < a->B; b++) {
@@ -713,24 +759,23 @@ int SUF(lk_forward)(const lk_layer *a)
 typedef struct {
     dir_t f;
     const lk_grads *g;
-    const real *ub, *wrb; /* see pack_backward */
-    real *dH;             /* (B, Pp) gradient of h from the step after */
-    real *dC;             /* (B, Hp) gradient of c from the step after */
-    real *dhs;            /* proj: (T, B, Pp) total dh per step, kept for dW_hr; else dH */
-    int64_t dhs_step;     /* B * Pp or 0 */
-    real *db;             /* (Gp) bias gradient, permuted */
-    real *dA;             /* (T, B, Gp) gate gradients (the kept gates stay intact) */
-    real *dm;             /* proj: (B, Hp) gradient of m = o * tanh(c) at the current step */
+    real *ub, *wrb; /* see pack_backward */
+    real *dH;       /* (B, Pp) gradient of h from the step after */
+    real *dC;       /* (B, Hp) gradient of c from the step after */
+    real *dhs;      /* proj: (R, Pp) total dh per step, kept for dW_hr; else dH */
+    real *db;       /* (Gp) bias gradient, permuted */
+    real *dA;       /* (R, Gp) gate gradients (the kept gates stay intact) */
+    real *dm;       /* proj: (B, Hp) gradient of m = o * tanh(c) at the current step */
 } bdir_t;
 
 static real *grad_row(const bdir_t *w, int64_t t, int64_t b)
 {
-    return w->dA + (t * w->f.B + b) * w->f.Gp;
+    return w->dA + (w->f.off[t] + b) * w->f.Gp;
 }
 
 static real *dhs_row(const bdir_t *w, int64_t t, int64_t b)
 {
-    return w->dhs + t * w->dhs_step + b * w->f.Pp;
+    return w->f.proj ? w->dhs + (w->f.off[t] + b) * w->f.Pp : w->dH + b * w->f.Pp;
 }
 
 /* dhs[t] = dH + d_out[t] for the rows active at t, over columns [c0, c1) of P. */
@@ -746,9 +791,6 @@ static void add_output_grad(const bdir_t *w, int64_t t, int64_t c0, int64_t c1)
         for (int64_t c = c0; c < c1; c++)
             dst[c] = dh[c] + (grad != NULL && c < f->P ? grad[c] : 0);
     }
-    if (f->proj) /* rows not active: no gradient, and dW_hr sums over every row */
-        for (int64_t b = n; b < f->B; b++)
-            zero_columns(dhs_row(w, t, b), c0, c1);
 }
 
 /* Gate gradients of unit block blk for the active rows, given dh (rows ld apart). */
@@ -832,11 +874,6 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
             else
                 gate_backward(w, &st, blk, dhs.base + blk * V, f->Pp);
         }
-        for (int64_t b = st.n; b < f->B; b++) { /* padded rows take no part in dW, db, dx */
-            zero_columns(grad_row(w, st.t, b), b0 * W, b1 * W);
-            if (f->proj)
-                zero_columns(m_row(f, st.t, b), u0, u1);
-        }
         lk_barrier_wait(bar, sense); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
         for (int64_t pb = p0; pb < p1; pb++) {
@@ -856,49 +893,43 @@ static void backward_direction_fn(const void *dir, int rank, int size, lk_barrie
     backward_direction(dir, rank, size, bar, sense);
 }
 
-/* Weight, bias, input and initial-state gradients of one direction, after the loop. */
-static void parameter_grads(const bdir_t *w, real *tmp)
+/* h_{t-1} of every packed row: the output of the step before, or h0 where a row starts. */
+static void gather_h_prev(const dir_t *f, real *hp)
+{
+    for (int64_t s = 0; s < f->T; s++) {
+        const step_t st = make_step(f, s);
+        for (int64_t b = 0; b < st.n; b++)
+            memcpy(hp + (f->off[st.t] + b) * f->P, h_prev(f, &st, b),
+                   (size_t)f->P * sizeof(real));
+    }
+}
+
+/* Weight, bias and initial-state gradients of one direction after the loop, and its part of
+ * the packed input gradient dxp (beta: 0 for the first direction, 1 to add the second). */
+static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, real *dxp,
+                            real beta)
 {
     const dir_t *f = &w->f;
-    const lk_layer *a = f->a;
     const lk_grads *g = w->g;
-    const int64_t d = f->d, TB = f->T * f->B, DP = f->D * f->P;
+    const int64_t d = f->d;
     void *const *dw = g->d_w[d];
     if (dw[LK_B_IH] != NULL)
         unpermute(f, w->db, dw[LK_B_IH], 1);
     if (dw[LK_B_HH] != NULL)
         unpermute(f, w->db, dw[LK_B_HH], 1);
     if (dw[LK_W_IH] != NULL) {
-        gemm(1, 0, f->Gp, f->I, TB, 1, w->dA, f->Gp, f->x, f->I, 0, tmp, f->I);
+        gemm(1, 0, f->Gp, f->I, R, 1, w->dA, f->Gp, f->xp, f->I, 0, tmp, f->I);
         unpermute(f, tmp, dw[LK_W_IH], f->I);
     }
     if (dw[LK_W_HH] != NULL) {
-        /* h_{t-1} of every row is the output of the step before, except at a row's first
-         * step (t = 0 forward, t = length-1 backward), where it is h0. Padded outputs are
-         * zero, so the shifted product only needs the h0 rows added. */
-        const int64_t first = f->rev ? 0 : 1, shift = f->rev ? 1 : 0;
-        gemm(1, 0, f->Gp, f->P, (f->T - 1) * f->B, 1, grad_row(w, first, 0), f->Gp,
-             f->out + shift * f->B * DP + d * f->P, DP, 0, tmp, f->P);
-        const int64_t n0 = lk_active(a, 0);
-        const real *start = grad_row(w, f->rev ? f->T - 1 : 0, 0);
-        real *gathered = NULL;
-        if (f->rev && a->lengths != NULL) {
-            gathered = malloc((size_t)(n0 * f->Gp) * sizeof(real) + 1);
-            if (gathered == NULL)
-                abort();
-            for (int64_t b = 0; b < n0; b++)
-                memcpy(gathered + b * f->Gp, grad_row(w, a->lengths[b] - 1, b),
-                       (size_t)f->Gp * sizeof(real));
-            start = gathered;
-        }
-        gemm(1, 0, f->Gp, f->P, f->rev ? n0 : f->B, 1, start, f->Gp, f->h0, f->P, 1, tmp, f->P);
-        free(gathered);
+        gather_h_prev(f, hp);
+        gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
         unpermute(f, tmp, dw[LK_W_HH], f->P);
     }
     if (dw[LK_W_HR] != NULL)
-        gemm(1, 0, f->P, f->H, TB, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
-    if (g->d_x != NULL)
-        gemm(0, 0, TB, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, d == 0 ? 0 : 1, g->d_x, f->I);
+        gemm(1, 0, f->P, f->H, R, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
+    if (dxp != NULL)
+        gemm(0, 0, R, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, beta, dxp, f->I);
     for (int64_t b = 0; b < f->B; b++) {
         if (g->d_h0 != NULL)
             memcpy((real *)g->d_h0 + (d * f->B + b) * f->P, w->dH + b * f->Pp,
@@ -909,68 +940,89 @@ static void parameter_grads(const bdir_t *w, real *tmp)
     }
 }
 
+typedef struct {
+    real *tmp; /* (Gp, max(I, P)) a weight gradient before its rows are put in torch's order */
+    real *hp;  /* (R, P) h_{t-1} of every packed row */
+    real *dxp; /* (R, I) packed input gradient, for lengths */
+} bshared_t;
+
+static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, char *base,
+                                 bshared_t *shared)
+{
+    arena_t arena = {base, 0};
+    int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
+    real *xp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
+    const dir_t *f0 = &dirs[0].f;
+    shared->tmp = TAKE(&arena, f0->Gp * (a->I > a->P ? a->I : a->P));
+    shared->hp = TAKE(&arena, R * a->P);
+    shared->dxp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
+    real *saved = a->saved;
+    for (int64_t d = 0; d < a->D; d++) {
+        bdir_t *w = &dirs[d];
+        dir_t *f = &w->f;
+        f->off = off;
+        f->xp = xp;
+        f->G = saved;
+        f->m = f->proj ? saved + R * f->Gp : NULL;
+        saved += R * (f->Gp + (f->proj ? f->Hp : 0));
+        w->ub = TAKE(&arena, f->Pb * f->Gp * W);
+        w->wrb = f->proj ? TAKE(&arena, f->Hb * f->P * V) : NULL;
+        f->wx = TAKE(&arena, f->Gp * f->I);
+        w->dH = TAKE(&arena, a->B * f->Pp);
+        w->dC = TAKE(&arena, a->B * f->Hp);
+        w->db = TAKE(&arena, f->Gp);
+        w->dA = TAKE(&arena, R * f->Gp);
+        w->dm = f->proj ? TAKE(&arena, a->B * f->Hp) : NULL;
+        w->dhs = f->proj ? TAKE(&arena, R * f->Pp) : NULL;
+    }
+    return arena.used;
+}
+
 /* Backward through one layer run by lk_forward with `saved` and `cells`. 0 on success, -1 if
  * memory ran out. Reads `saved` only, so it can run again (retain_graph). */
 int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
 {
     bdir_t dirs[2];
-    size_t elems = 0;
+    bshared_t shared;
     for (int64_t d = 0; d < a->D; d++) {
-        dir_t *f = &dirs[d].f;
         memset(&dirs[d], 0, sizeof dirs[d]);
-        geometry(f, a, d);
-        elems += f->Pb * f->Gp * W + (f->proj ? f->Hb * f->P * V : 0) + f->Gp * f->I;
-        elems += a->B * f->Pp + a->B * f->Hp + f->Gp + (f->proj ? a->T * a->B * f->Pp : 0);
-        elems += a->T * a->B * f->Gp + (f->proj ? a->B * f->Hp : 0);
+        geometry(&dirs[d].f, a, d);
+        dirs[d].f.keep = 1;
+        dirs[d].g = g;
     }
-    const dir_t *f0 = &dirs[0].f;
-    const int64_t tmp_elems = f0->Gp * (a->I > a->P ? a->I : a->P);
-    real *work = malloc((elems + tmp_elems) * sizeof(real) + 64);
+    const int64_t R = packed_rows(a);
+    char *work = malloc(backward_workspace(dirs, a, R, NULL, &shared));
     if (work == NULL)
         return -1;
-    real *next = work, *saved = a->saved;
+    backward_workspace(dirs, a, R, work, &shared);
+    fill_offsets(a, (int64_t *)dirs[0].f.off);
+    const real *xp = pack_input(a, dirs[0].f.off, (real *)dirs[0].f.xp);
     for (int64_t d = 0; d < a->D; d++) {
         bdir_t *w = &dirs[d];
-        dir_t *f = &w->f;
-        f->G = saved;
-        saved += a->T * a->B * f->Gp;
-        if (f->proj) {
-            f->m = saved;
-            f->m_step = a->B * f->Hp;
-            saved += a->T * a->B * f->Hp;
-        }
-        real *ub = next, *wrb = ub + f->Pb * f->Gp * W;
-        real *wx = wrb + (f->proj ? f->Hb * f->P * V : 0);
-        w->dH = wx + f->Gp * f->I;
-        w->dC = w->dH + a->B * f->Pp;
-        w->db = w->dC + a->B * f->Hp;
-        w->dA = w->db + f->Gp;
-        w->dm = w->dA + a->T * a->B * f->Gp;
-        next = w->dm + (f->proj ? a->B * f->Hp : 0);
-        if (f->proj) {
-            w->dhs = next;
-            w->dhs_step = a->B * f->Pp;
-            next += a->T * a->B * f->Pp;
-        } else {
-            w->dhs = w->dH;
-        }
-        w->g = g;
-        pack_backward(f, ub, wrb);
-        for (int64_t col = 0; col < f->Gp; col++) { /* permuted W_ih rows for dx = dA W_ih */
-            int64_t r = torch_row(f, col);
+        w->f.xp = xp;
+        pack_backward(&w->f, w->ub, w->wrb);
+        for (int64_t col = 0; col < w->f.Gp; col++) { /* permuted W_ih rows for dx = dA W_ih */
+            int64_t r = torch_row(&w->f, col);
             if (r >= 0)
-                memcpy(wx + col * f->I, (const real *)a->w[d][LK_W_IH] + r * f->I,
-                       (size_t)f->I * sizeof(real));
+                memcpy(w->f.wx + col * a->I, (const real *)a->w[d][LK_W_IH] + r * a->I,
+                       (size_t)a->I * sizeof(real));
             else
-                memset(wx + col * f->I, 0, (size_t)f->I * sizeof(real));
+                memset(w->f.wx + col * a->I, 0, (size_t)a->I * sizeof(real));
         }
-        w->ub = ub, w->wrb = wrb, f->wx = wx;
     }
     const int threads = lk_threads(a, 2 * layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
+    real *dx = g->d_x == NULL ? NULL : a->lengths != NULL ? shared.dxp : g->d_x;
     for (int64_t d = 0; d < a->D; d++)
-        parameter_grads(&dirs[d], next);
+        parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
+    if (dx != NULL && dx != g->d_x) { /* unpack: padded steps get no gradient */
+        const int64_t *off = dirs[0].f.off;
+        memset(g->d_x, 0, (size_t)(a->T * a->B * a->I) * sizeof(real));
+        for (int64_t t = 0; t < a->T; t++)
+            memcpy((real *)g->d_x + t * a->B * a->I, dx + off[t] * a->I,
+                   (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
+    }
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
     free(work);

@@ -92,7 +92,7 @@ static inline void lk_barrier_wait(lk_barrier *b, int *local_sense)
         return;
     }
     for (unsigned spins = 0; atomic_load_explicit(&b->sense, memory_order_acquire) != sense;) {
-        if (++spins < 4096) {
+        if (++spins < 512) { /* about 20 us of PAUSE, then give the core away */
 #if defined(__x86_64__) || defined(__i386__)
             __builtin_ia32_pause();
 #endif
