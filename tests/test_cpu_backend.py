@@ -52,6 +52,9 @@ LAYERS = [
     Layer("all-zero-lengths", 3, 2, 4, 8, directions=2, lengths=(0, 0), cells=True),
     Layer("cells", 5, 6, 5, 40, directions=2, cells=True),
     Layer("long", 300, 2, 3, 8, directions=2, lengths=(300, 170)),
+    # products longer than one pass over a weight panel (512 rows): backward's 4H, forward's H
+    Layer("panel-passes-backward", 3, 7, 5, 130, directions=2),
+    Layer("panel-passes-forward", 2, 3, 4, 520, proj=515),
     Layer("threads", 8, 24, 64, 96, directions=1),  # enough work for a team of threads
     Layer("threads-proj", 8, 24, 64, 96, proj=40, directions=1, lengths=(8,) * 20 + (5, 3, 2, 0)),
 ]

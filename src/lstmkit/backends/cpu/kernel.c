@@ -475,24 +475,32 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     }
 }
 
-/* C = init + bias + A P for rows 0..n-1: tiles of 6 rows x 2 vectors (twice per panel), the
- * remaining rows in one smaller tile; a single row takes all four vectors at once. */
-static void panel_rows(int64_t n, int64_t k, const rows_t *a, const panel_t *p,
-                       const rows_t *init, const real *bias, const rows_t *c)
+/* C = init + bias + A P for rows 0..n-1, over k in [k0, k1): tiles of 6 rows x 2 vectors
+ * (twice per panel), the remaining rows in one smaller tile; a single row takes all four
+ * vectors at once. */
+static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, const panel_t *p,
+                            const rows_t *init, const real *bias, const rows_t *c)
 {
+    rows_t ak = *a;
+    ak.base = a->base != NULL ? a->base + k0 : NULL;
+    ak.alt = a->alt != NULL ? a->alt + k0 : NULL;
+    panel_t pk = *p;
+    for (int j = 0; j < 4; j++)
+        pk.col[j] = p->col[j] != NULL ? p->col[j] + k0 * p->ld : NULL;
+    const int64_t k = k1 - k0;
     int64_t b = 0;
     for (; b + MR_MAX <= n; b += MR_MAX) {
-        panel_tile(MR_MAX, 2, b, 0, k, a, p, init, bias, c);
-        panel_tile(MR_MAX, 2, b, 2, k, a, p, init, bias, c);
+        panel_tile(MR_MAX, 2, b, 0, k, &ak, &pk, init, bias, c);
+        panel_tile(MR_MAX, 2, b, 2, k, &ak, &pk, init, bias, c);
     }
     switch (n - b) {
     case 1:
-        panel_tile(1, 4, b, 0, k, a, p, init, bias, c);
+        panel_tile(1, 4, b, 0, k, &ak, &pk, init, bias, c);
         break;
 #define TWO_HALVES(m)                                                                             \
     case m:                                                                                       \
-        panel_tile(m, 2, b, 0, k, a, p, init, bias, c);                                          \
-        panel_tile(m, 2, b, 2, k, a, p, init, bias, c);                                          \
+        panel_tile(m, 2, b, 0, k, &ak, &pk, init, bias, c);                                      \
+        panel_tile(m, 2, b, 2, k, &ak, &pk, init, bias, c);                                      \
         break;
         TWO_HALVES(2)
         TWO_HALVES(3)
@@ -502,6 +510,21 @@ static void panel_rows(int64_t n, int64_t k, const rows_t *a, const panel_t *p,
     default:
         break;
     }
+}
+
+/* Rows of the panel per pass: 64 KB of it, which stays in L2 while every row tile reads it.
+ * The passes accumulate in C, so the sums are the same as in one pass. */
+#define PANEL_ROWS_PER_PASS ((int64_t)(65536 / (W * sizeof(real))))
+
+static void panel_rows(int64_t n, int64_t k, const rows_t *a, const panel_t *p,
+                       const rows_t *init, const real *bias, const rows_t *c)
+{
+    int64_t k0 = 0;
+    do {
+        const int64_t k1 = min64(k, k0 + PANEL_ROWS_PER_PASS);
+        panel_rows_part(n, k0, k1, a, p, k0 == 0 ? init : c, k0 == 0 ? bias : NULL, c);
+        k0 = k1;
+    } while (k0 < k);
 }
 
 /* The panel of W columns starting at `first` in a packed matrix of panels (rows ld = W). */
