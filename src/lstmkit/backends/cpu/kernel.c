@@ -438,6 +438,7 @@ LK_INLINE real *row_at(const rows_t *r, int64_t b)
 LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, real *const *a,
                          const real *const *b, int64_t ld, vec acc[MR_MAX][4])
 {
+#pragma GCC unroll 4
     for (int64_t kk = 0; kk < k; kk++) {
         vec bv[4];
         for (int c = 0; c < nv; c++)
