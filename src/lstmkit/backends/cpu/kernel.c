@@ -476,6 +476,28 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     }
 }
 
+/* One compiled copy per tile shape (inlining them into every caller costs compile time and
+ * gains nothing: a tile runs for hundreds of cycles). */
+#define TILE(mr, nv)                                                                              \
+    static __attribute__((noinline, noclone)) void tile_##mr##x##nv(                              \
+        int64_t b0, int v0, int64_t k, const rows_t *a, const panel_t *p, const rows_t *init,    \
+        const real *bias, const rows_t *c)                                                        \
+    {                                                                                             \
+        panel_tile(mr, nv, b0, v0, k, a, p, init, bias, c);                                      \
+    }
+TILE(6, 2)
+TILE(5, 2)
+TILE(4, 2)
+TILE(3, 2)
+TILE(2, 2)
+TILE(1, 4)
+#undef TILE
+
+typedef void (*tile_fn)(int64_t b0, int v0, int64_t k, const rows_t *a, const panel_t *p,
+                        const rows_t *init, const real *bias, const rows_t *c);
+/* The two-vector tile for the rows left after the tiles of six, by count. */
+static const tile_fn leftover_tiles[MR_MAX] = {NULL, NULL, tile_2x2, tile_3x2, tile_4x2, tile_5x2};
+
 /* C = init + bias + A P for rows 0..n-1, over k in [k0, k1): tiles of 6 rows x 2 vectors
  * (twice per panel), the remaining rows in one smaller tile; a single row takes all four
  * vectors at once. */
@@ -491,25 +513,14 @@ static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, 
     const int64_t k = k1 - k0;
     int64_t b = 0;
     for (; b + MR_MAX <= n; b += MR_MAX) {
-        panel_tile(MR_MAX, 2, b, 0, k, &ak, &pk, init, bias, c);
-        panel_tile(MR_MAX, 2, b, 2, k, &ak, &pk, init, bias, c);
+        tile_6x2(b, 0, k, &ak, &pk, init, bias, c);
+        tile_6x2(b, 2, k, &ak, &pk, init, bias, c);
     }
-    switch (n - b) {
-    case 1:
-        panel_tile(1, 4, b, 0, k, &ak, &pk, init, bias, c);
-        break;
-#define TWO_HALVES(m)                                                                             \
-    case m:                                                                                       \
-        panel_tile(m, 2, b, 0, k, &ak, &pk, init, bias, c);                                      \
-        panel_tile(m, 2, b, 2, k, &ak, &pk, init, bias, c);                                      \
-        break;
-        TWO_HALVES(2)
-        TWO_HALVES(3)
-        TWO_HALVES(4)
-        TWO_HALVES(5)
-#undef TWO_HALVES
-    default:
-        break;
+    if (n - b == 1) {
+        tile_1x4(b, 0, k, &ak, &pk, init, bias, c);
+    } else if (n > b) {
+        leftover_tiles[n - b](b, 0, k, &ak, &pk, init, bias, c);
+        leftover_tiles[n - b](b, 2, k, &ak, &pk, init, bias, c);
     }
 }
 
