@@ -283,6 +283,15 @@ def test_build_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
         library._load()
 
 
+def test_unbuildable_kernels_fall_back_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    monkeypatch.setattr(library, "failure", lambda: "no C compiler found (set CC, or install gcc)")
+    lstmkit.LSTM(3, 4)(torch.randn(2, 1, 3))
+    choice = backends.last_choice()
+    assert choice.backend == "reference"
+    assert choice.passed_over == (("cpu", "no C compiler found (set CC, or install gcc)"),)
+
+
 def test_import_compiles_nothing(tmp_path: Path) -> None:
     env = dict(os.environ, LSTMKIT_CACHE_DIR=str(tmp_path / "cache"))
     code = "import lstmkit, lstmkit.backends.cpu; print('ok')"

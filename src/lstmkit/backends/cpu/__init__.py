@@ -64,7 +64,7 @@ class CpuBackend(Backend):
         params = [None if w is None else w.contiguous() for layer in weights for w in layer]
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
         if lengths is not None:
-            lengths = lengths.contiguous()
+            lengths = lengths.to(torch.int64).contiguous()
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h0, c0, *params)
         ):

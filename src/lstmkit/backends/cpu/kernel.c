@@ -13,10 +13,13 @@
  * permuted back to torch's (i, f, g, o) rows at the end.
  *
  * Forward, per direction: the input projection x W_ih^T for all steps is one GEMM (BLAS) before
- * the loop, into G (T, B, Gp); the bias b_ih + b_hh is added when a tile is loaded. Each step
- * multiplies h_{t-1} by the packed W_hh panels, tile by tile (rows x one block), and applies the
- * gate update to the accumulators while they are still in registers. With proj_size a second
- * product h = m W_hr^T follows, split by columns of P.
+ * the loop, into G (R, Gp, see below); the bias b_ih + b_hh is added when a tile is loaded. Each
+ * step adds h_{t-1} W_hh^T block by block: register tiles of 6 rows x 2 vectors (AVX2's
+ * FMA-bound shape; one row takes 1 x 4) walk a weight panel in passes of 64 KB that stay in
+ * L2, and write the pre-activations back to G, where the gate update of that block reads them
+ * while they are still in L1. With proj_size a second product h = m W_hr^T follows, split by
+ * columns of P. Weights are packed on every call (a copy of each weight: small next to the
+ * work of a call, and nothing can go stale).
  *
  * Threads: one OpenMP parallel region for the whole sequence. A bidirectional layer gives each
  * direction its own team (one thread each on two cores: no synchronisation at all); within a
@@ -36,9 +39,9 @@
  * proj_size, m = o * tanh(c) (R, Hp); the cell states are the `cells` tensor (T, B, D*H) and
  * h is the output. Backward walks the steps in reverse, writing the gate gradients dA into a
  * buffer of its own (the kept gates stay intact, so backward can run twice with retain_graph);
- * dh_{t-1} = dA_t W_hh is split by columns of P (two barriers per step), the bias
- * gradient is summed on the way, and the weight gradients dA^T x, dA^T h_{t-1}, dh^T m and
- * dx = dA W_ih are large GEMMs after the loop.
+ * dh_{t-1} = dA_t W_hh is split by columns of P (two barriers per step), the bias gradient is
+ * summed on the way, and the weight gradients dA^T x, dA^T h_{t-1} (h_{t-1} gathered per packed
+ * row), dh^T m and dx = dA W_ih are large GEMMs after the loop.
  */
 #include "lstm.h"
 
