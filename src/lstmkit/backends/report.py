@@ -27,7 +27,13 @@ def report_lines() -> list[str]:
                 lines.append(f"  {name:<10} {status}")
     lines.append("")
     for name in backends.PREFERENCE:
-        lines.append(f"{name}: {backends.get(name).description}")
+        backend = backends.get(name)
+        lines.append(f"{name}: {backend.description}")
+        variants = ", ".join(sorted(backend.variants)) or "none yet (calls using one go elsewhere)"
+        lines.append(f"  step variants: {variants}")
+    last = backends.last_choice()
+    if last is not None:
+        lines += ["", f"last call in this thread: {last}"]
     return lines
 
 
