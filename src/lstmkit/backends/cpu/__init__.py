@@ -26,8 +26,10 @@ class CpuBackend(Backend):
 
     @property
     def description(self) -> str:
-        loaded = library.load() if library.failure() is None else None
-        gemm = loaded.blas if loaded is not None else "not loaded"
+        reason = library.failure()
+        gemm = (
+            library.load().blas if reason is None else f"none, the kernels are not built: {reason}"
+        )
         return (
             "fused C kernels (OpenMP, vectorised gates) built with the machine's C compiler; "
             f"float32 and float64 on CPU; GEMM: {gemm}"

@@ -1,4 +1,4 @@
-"""The compiled kernels, loaded once per process, and the ctypes mirror of their ABI (lstm.h).
+"""The compiled kernels, loaded once per process, and the layout of their arguments (lstm.h).
 
 :func:`load` builds the library on first use (see :mod:`.build`), loads it and hands it the
 GEMM it will call: ``sgemm_``/``dgemm_`` from the BLAS torch already loaded (MKL on x86-64
@@ -26,7 +26,8 @@ _ptr = ctypes.c_void_p
 # uint64 (0 for NULL). Packing a struct.Struct costs well under a microsecond, building a
 # ctypes.Structure several. lk_layer: T B I H P D threads, then the addresses of lengths x h0
 # c0, the weights (direction-major, each direction as lstmkit.reference.LayerWeights: w_ih
-# w_hh b_ih b_hh w_hr; 0 for the second direction when there is one), out h_n c_n cells saved.
+# w_hh b_ih b_hh w_hr; zeros for a second direction that does not exist), out h_n c_n cells
+# saved.
 # lk_grads: d_out d_h_n d_c_n d_cells d_x d_h0 d_c0, then the weights' gradients likewise.
 LAYER = struct.Struct("=7q19Q")
 GRADS = struct.Struct("=17Q")
@@ -45,6 +46,8 @@ class Kernels:
 
 @dataclass(frozen=True)
 class Library:
+    """The loaded library: where it is, how it was obtained, and its entry points."""
+
     path: Path
     compiled_seconds: float | None  # None: found in the cache
     blas: str  # which GEMM the kernels call, in words
@@ -177,7 +180,8 @@ def _address(function: ctypes._CFuncPtr) -> int:
 
 
 def _gemm_works(gemm: ctypes._CFuncPtr, real: type) -> bool:
-    """Whether ``gemm`` takes 32-bit sizes (LP64) and squares [[1, 2], [3, 4]] right."""
+    """Whether ``gemm``, given 32-bit sizes as the kernels pass them (torch's BLAS is LP64),
+    squares [[1, 2], [3, 4]] right."""
     matrix = (real * 4)(1, 3, 2, 4)  # column-major
     result = (real * 4)(-1, -1, -1, -1)
     two = ctypes.c_int(2)
