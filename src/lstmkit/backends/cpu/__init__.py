@@ -16,7 +16,7 @@ from torch import Tensor
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, library
 from lstmkit.backends.cpu.function import LayerFunction, run
-from lstmkit.reference import LayerWeights
+from lstmkit.reference import LayerWeights, Variant
 
 DTYPES = (torch.float32, torch.float64)
 
@@ -61,7 +61,9 @@ class CpuBackend(Backend):
         weights: list[LayerWeights],
         lengths: Tensor | None,
         cell_sequence: bool = False,
+        variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
+        # No step variants here (``variants`` is empty), so choose() never passes any.
         kernels = library.load().kernels[x.dtype]
         params = [None if w is None else w.contiguous() for layer in weights for w in layer]
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
