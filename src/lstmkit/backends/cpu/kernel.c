@@ -760,9 +760,14 @@ int SUF(lk_forward)(const lk_layer *a)
         dirs[d].keep = a->saved != NULL;
     }
     const int64_t R = packed_rows(a);
-    char *work = malloc(forward_workspace(dirs, a, R, NULL));
+    char *work = lk_workspace(forward_workspace(dirs, a, R, NULL));
     if (work == NULL)
         return -1;
+    const size_t TB = (size_t)(a->T * a->B) * sizeof(real);
+    lk_advise_huge(a->out, TB * a->D * a->P);
+    lk_advise_huge(a->cells, TB * a->D * a->H);
+    if (a->saved != NULL)
+        lk_advise_huge(a->saved, (size_t)SUF(lk_saved_elems)(a) * sizeof(real));
     forward_workspace(dirs, a, R, work);
     fill_offsets(a, (int64_t *)dirs[0].off);
     const real *xp = pack_input(a, dirs[0].off, (real *)dirs[0].xp);
@@ -1029,9 +1034,10 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         dirs[d].g = g;
     }
     const int64_t R = packed_rows(a);
-    char *work = malloc(backward_workspace(dirs, a, R, NULL, &shared));
+    char *work = lk_workspace(backward_workspace(dirs, a, R, NULL, &shared));
     if (work == NULL)
         return -1;
+    lk_advise_huge(g->d_x, (size_t)(a->T * a->B * a->I) * sizeof(real));
     backward_workspace(dirs, a, R, work, &shared);
     fill_offsets(a, (int64_t *)dirs[0].f.off);
     const real *xp = pack_input(a, dirs[0].f.off, (real *)dirs[0].f.xp);
