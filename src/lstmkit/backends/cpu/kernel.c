@@ -1038,6 +1038,10 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
     if (work == NULL)
         return -1;
     lk_advise_huge(g->d_x, (size_t)(a->T * a->B * a->I) * sizeof(real));
+    for (int64_t d = 0; d < a->D; d++) {
+        lk_advise_huge(g->d_w[d][LK_W_IH], (size_t)(4 * a->H * a->I) * sizeof(real));
+        lk_advise_huge(g->d_w[d][LK_W_HH], (size_t)(4 * a->H * a->P) * sizeof(real));
+    }
     backward_workspace(dirs, a, R, work, &shared);
     fill_offsets(a, (int64_t *)dirs[0].f.off);
     const real *xp = pack_input(a, dirs[0].f.off, (real *)dirs[0].f.xp);
