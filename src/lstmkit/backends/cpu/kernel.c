@@ -261,8 +261,8 @@ typedef struct {
     /* forward weights, packed */
     real *wx;   /* (Gp, I) permuted rows of W_ih */
     real *bias; /* (Gp) b_ih + b_hh */
-    real *wr;   /* (Hb, P, W) W_hh^T panels, one per unit block */
-    real *wp;   /* proj: (Pb, Hp, W) W_hr^T panels */
+    real *wr;   /* W_hh^T panels of P rows, one per unit block (see panel_at) */
+    real *wp;   /* proj: W_hr^T panels of Hp rows, one per W columns of P */
 } dir_t;
 
 static real *out_row(const dir_t *w, int64_t t, int64_t b)
@@ -334,6 +334,14 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
 
 /* ---- packing torch's weights into the kernel layouts ---- */
 
+/* Weight panels: W columns by `rows` rows, stored as two halves of 2V columns one after the
+ * other, so each pass of a 6 x 2 register tile streams contiguous memory. The offset of element
+ * (k, c) of panel `panel` in a matrix of such panels: */
+static int64_t panel_at(int64_t panel, int64_t rows, int64_t k, int64_t c)
+{
+    return ((panel * 2 + c / (2 * V)) * rows + k) * (2 * V) + c % (2 * V);
+}
+
 static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *wp)
 {
     const lk_layer *a = w->a;
@@ -342,18 +350,18 @@ static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *w
     const real *w_hr = a->w[w->d][LK_W_HR];
     for (int64_t col = 0; col < w->Gp; col++) {
         int64_t r = torch_row(w, col);
-        real *panel_col = wr + col / W * w->P * W + col % W;
+        real *panel_col = wr + panel_at(col / W, w->P, 0, col % W);
         if (r < 0) {
             memset(wx + col * w->I, 0, (size_t)w->I * sizeof(real));
             bias[col] = 0;
             for (int64_t k = 0; k < w->P; k++)
-                panel_col[k * W] = 0;
+                panel_col[k * 2 * V] = 0;
             continue;
         }
         memcpy(wx + col * w->I, w_ih + r * w->I, (size_t)w->I * sizeof(real));
         bias[col] = (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
         for (int64_t k = 0; k < w->P; k++)
-            panel_col[k * W] = w_hh[r * w->P + k];
+            panel_col[k * 2 * V] = w_hh[r * w->P + k];
     }
     if (!w->proj)
         return;
@@ -361,11 +369,11 @@ static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *w
         for (int64_t j = 0; j < w->Hp; j++)
             for (int64_t c = 0; c < W; c++) {
                 int64_t p = pb * W + c;
-                wp[(pb * w->Hp + j) * W + c] = p < w->P && j < w->H ? w_hr[p * w->H + j] : 0;
+                wp[panel_at(pb, w->Hp, j, c)] = p < w->P && j < w->H ? w_hr[p * w->H + j] : 0;
             }
 }
 
-/* Backward layouts: ub (Pb, Gp, W) = panels of W_hh (permuted rows) over columns of P, for
+/* Backward layouts: ub = panels of W_hh (permuted rows, Gp rows each) over columns of P, for
  * dh = dA W_hh; wrb (Hb, P, V) = W_hr per unit block, for dm = dh W_hr. */
 static void pack_backward(const dir_t *w, real *ub, real *wrb)
 {
@@ -374,10 +382,9 @@ static void pack_backward(const dir_t *w, real *ub, real *wrb)
     for (int64_t pb = 0; pb < w->Pb; pb++)
         for (int64_t col = 0; col < w->Gp; col++) {
             int64_t r = torch_row(w, col);
-            real *dst = ub + (pb * w->Gp + col) * W;
             for (int64_t c = 0; c < W; c++) {
                 int64_t p = pb * W + c;
-                dst[c] = r >= 0 && p < w->P ? w_hh[r * w->P + p] : 0;
+                ub[panel_at(pb, w->Gp, col, c)] = r >= 0 && p < w->P ? w_hh[r * w->P + p] : 0;
             }
         }
     if (!w->proj)
@@ -542,10 +549,12 @@ static void panel_rows(int64_t n, int64_t k, const rows_t *a, const panel_t *p,
     } while (k0 < k);
 }
 
-/* The panel of W columns starting at `first` in a packed matrix of panels (rows ld = W). */
-static panel_t packed_panel(const real *first, int64_t cols)
+/* Panel `panel` of a packed matrix of panels of `rows` rows (see panel_at). */
+static panel_t packed_panel(const real *matrix, int64_t panel, int64_t rows, int64_t cols)
 {
-    panel_t p = {{first, first + V, first + 2 * V, first + 3 * V}, W, cols};
+    const real *first = matrix + panel_at(panel, rows, 0, 0);
+    const real *second = matrix + panel_at(panel, rows, 0, 2 * V);
+    panel_t p = {{first, first + V, second, second + V}, 2 * V, cols};
     return p;
 }
 
@@ -596,7 +605,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
                                     (real *)w->h0, w->P);
         const rows_t gates = rows(gate_row(w, st.t, 0), w->Gp);
         for (int64_t blk = b0; blk < b1; blk++) {
-            const panel_t p = packed_panel(w->wr + blk * w->P * W, W);
+            const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
             panel_rows(st.n, w->P, &h, &p, &g, w->bias + blk * W, &g);
             gate_update(w, &st, blk);
@@ -611,7 +620,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
             lk_barrier_wait(bar, sense); /* m of this step complete */
             const rows_t m = rows(m_row(w, st.t, 0), w->Hp), none = rows(NULL, 0);
             for (int64_t pb = p0; pb < p1; pb++) {
-                const panel_t p = packed_panel(w->wp + pb * w->Hp * W, w->P - pb * W);
+                const panel_t p = packed_panel(w->wp, pb, w->Hp, w->P - pb * W);
                 const rows_t out = rows(out_row(w, st.t, 0) + pb * W, DP);
                 panel_rows(st.n, w->Hp, &m, &p, &none, NULL, &out);
             }
@@ -920,7 +929,7 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         lk_barrier_wait(bar, sense); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
         for (int64_t pb = p0; pb < p1; pb++) {
-            const panel_t p = packed_panel(w->ub + pb * f->Gp * W, W);
+            const panel_t p = packed_panel(w->ub, pb, f->Gp, W);
             const rows_t dH_panel = rows(dH.base + pb * W, f->Pp);
             panel_rows(st.n, f->Gp, &dA, &p, &none, NULL, &dH_panel);
         }
