@@ -25,8 +25,9 @@
  * direction its own team (one thread each on two cores: no synchronisation at all); within a
  * team each thread owns a range of unit blocks (and of P panels), whose weight panels stay in
  * its cache, and the team meets at a spin barrier once per step (twice with proj_size). Work
- * below about a millisecond runs on the calling thread. Every element is computed in the same
- * order whatever the thread count, so results do not depend on it.
+ * below about a millisecond runs on the calling thread. The kernels compute every element in
+ * the same order whatever the thread count (the BLAS does not promise as much; MKL gave the
+ * same bits for 1 and 2 threads in our tests).
  *
  * Variable lengths: lengths are sorted non-increasing, so the sequences active at step t are
  * rows 0..n_t-1; a step touches only those rows. Rows whose state starts at this step (t = 0
