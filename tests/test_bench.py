@@ -19,6 +19,7 @@ import lstmkit
 from lstmkit.bench import configs, report, runner, timing
 from lstmkit.bench.check import Batch, check
 from lstmkit.bench.configs import BenchConfig
+from lstmkit.bench.lengths import bench_lengths
 from lstmkit.bench.timing import Budget, Timing
 
 TINY = BenchConfig("tiny", seq_len=4, batch=3, input_size=5, hidden_size=6)
@@ -52,8 +53,8 @@ def perturbed(where: str) -> runner.MakeCandidate:
         module = runner.make_lstmkit(config, oracle)
         forward = module.forward
 
-        def broken(batch: Batch) -> tuple[Batch, tuple[Tensor, Tensor]]:
-            output, states = forward(batch)
+        def broken(batch: Batch, **kwargs: object) -> tuple[Batch, tuple[Tensor, Tensor]]:
+            output, states = forward(batch, **kwargs)
             return off_by_one_percent(output, where), states
 
         module.forward = broken  # type: ignore[method-assign]
@@ -343,3 +344,25 @@ def test_a_busy_machine_is_announced() -> None:
     assert report.busy_warning(quiet) is None
     busy = report.Environment("d", "cpu", 2, 2, "t", "p", "l", "", "g", 100.0, load=3.0)
     assert "load average 3.0 on 2 cores" in (report.busy_warning(busy) or "")
+
+
+# --- lengths= rows of packed configurations ---------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", runner.MODES)
+def test_lengths_rows_are_checked_against_the_packed_oracle(mode: str) -> None:
+    row = bench_lengths(
+        TINY_PACKED, mode, TWO_SAMPLES, runner.make_lstmkit, runner.step, runner.backend_used
+    )
+    assert row.failure is None, row.failure
+    assert row.config.name == "tiny-packed lengths="
+    assert row.lstmkit is not None and row.torch is not None
+
+
+@pytest.mark.parametrize("mode", runner.MODES)
+@pytest.mark.usefixtures("no_timing")
+def test_wrong_lengths_rows_are_not_timed(mode: str) -> None:
+    row = bench_lengths(
+        TINY_PACKED, mode, TWO_SAMPLES, perturbed("value"), runner.step, runner.backend_used
+    )
+    assert row.failure is not None and row.failure.startswith("output")

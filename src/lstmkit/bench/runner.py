@@ -39,6 +39,7 @@ from lstmkit.bench.configs import (
     repo_root,
     select,
 )
+from lstmkit.bench.lengths import bench_lengths
 from lstmkit.bench.timing import Budget, sgemm_peak, time_interleaved
 
 MODES = ("inference", "training")
@@ -77,22 +78,23 @@ QUICK = Settings(
 )
 
 
-def step(module: nn.Module, batch: Batch, mode: str) -> Callable[[], None]:
+def step(module: nn.Module, batch: Batch, mode: str, **kwargs: object) -> Callable[[], None]:
     """One timed call: a no_grad forward in eval mode, or a training step (forward, backward
-    of output.sum() + h_n.sum() + c_n.sum(), with the gradients reset to None first)."""
+    of output.sum() + h_n.sum() + c_n.sum(), with the gradients reset to None first);
+    ``kwargs`` go to the module's forward (``lengths=``)."""
     if mode == "inference":
         module.eval()
 
         def forward() -> None:
             with torch.no_grad():
-                module(batch)
+                module(batch, **kwargs)
 
         return forward
     module.train()
 
     def train() -> None:
         module.zero_grad(set_to_none=True)
-        output, (h_n, c_n) = module(batch)
+        output, (h_n, c_n) = module(batch, **kwargs)
         data = output.data if isinstance(output, PackedSequence) else output
         (data.sum() + h_n.sum() + c_n.sum()).backward()
 
@@ -157,6 +159,16 @@ def run_benchmark(
         for config in configs:
             for mode in settings.modes:
                 row = bench_config(config, mode, settings.budget, make_candidate)
+                out(report.table_line(env, row, width))
+                if on_row is not None:
+                    on_row(row)
+                rows.append(row)
+            if config.lengths is None:
+                continue
+            for mode in settings.modes:
+                row = bench_lengths(
+                    config, mode, settings.budget, make_candidate, step, backend_used
+                )
                 out(report.table_line(env, row, width))
                 if on_row is not None:
                     on_row(row)
