@@ -290,6 +290,8 @@ def test_csv_has_the_documented_columns(tmp_path: Path) -> None:
         ("4,3,5,6", "training"),
         ("5,4,3,4,bi,proj=2,lengths=2:5", "inference"),
         ("5,4,3,4,bi,proj=2,lengths=2:5", "training"),
+        ("5,4,3,4,bi,proj=2,lengths=2:5 lengths=", "inference"),
+        ("5,4,3,4,bi,proj=2,lengths=2:5 lengths=", "training"),
     ]
     for row in rows:
         assert row["check"] == "ok" and row["repeats"] == "2" and row["threads"]
