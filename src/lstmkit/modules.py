@@ -400,7 +400,7 @@ class LSTMCell(nn.Module):
         else:
             h, c = self._check_states(hx, batched, x)
         weights = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        h, c = reference.lstm_cell(reference.project_input(x, weights), h, c, weights)
+        h, c = reference.lstm_step(reference.project_input(x, weights), h, c, weights)
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

@@ -93,7 +93,7 @@ def layer_norm(v: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return (v - mean) * torch.rsqrt(var + LAYER_NORM_EPS) * weight + bias
 
 
-def lstm_cell(
+def lstm_step(
     gates_x: Tensor,
     h: Tensor,
     c: Tensor,
@@ -186,7 +186,7 @@ def lstm_direction(
     cells: list[Tensor] = [c0] * steps
     order = range(steps - 1, -1, -1) if reverse else range(steps)
     for t in order:
-        h_next, c_next = lstm_cell(gates_x[t], h, c, weights, variant, t)  # (N, P), (N, H)
+        h_next, c_next = lstm_step(gates_x[t], h, c, weights, variant, t)  # (N, P), (N, H)
         if lengths is None:
             h, c = h_next, c_next
             outputs[t], cells[t] = h_next, c_next
