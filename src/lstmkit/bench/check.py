@@ -12,6 +12,7 @@ shapes and finiteness.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -82,17 +83,13 @@ def check(mode: str, oracle: nn.Module, candidate: nn.Module, batch: Batch) -> s
 
     Both modules are left with no gradients. The reason is one line (it goes into a table).
     """
-    if mode == "inference":
-        problem = _check_inference(oracle, candidate, batch)
-    elif mode == "training":
-        try:
-            problem = _check_training(oracle, candidate, batch)
-        finally:
-            oracle.zero_grad(set_to_none=True)
-            candidate.zero_grad(set_to_none=True)
-    else:
-        raise ValueError(f"mode is 'inference' or 'training', got {mode!r}")
-    return None if problem is None else " ".join(problem.split())
+    return _in_mode(
+        mode,
+        oracle,
+        candidate,
+        lambda: _check_inference(oracle, candidate, batch),
+        lambda: _check_training(oracle, candidate, batch),
+    )
 
 
 def check_values(
@@ -112,11 +109,29 @@ def check_values(
     parameter must have the oracle's names, shapes and dtypes and be finite. Both modules are
     left with no gradients.
     """
+    return _in_mode(
+        mode,
+        oracle,
+        candidate,
+        lambda: _check_inference(oracle, candidate, batch, tolerance),
+        lambda: _check_training_values(oracle, candidate, batch, None if noisy else tolerance),
+    )
+
+
+def _in_mode(
+    mode: str,
+    oracle: nn.Module,
+    candidate: nn.Module,
+    inference: Callable[[], str | None],
+    training: Callable[[], str | None],
+) -> str | None:
+    """Run the check for ``mode`` (training leaves both modules without gradients) and give
+    its verdict on one line."""
     if mode == "inference":
-        problem = _check_inference(oracle, candidate, batch, tolerance)
+        problem = inference()
     elif mode == "training":
         try:
-            problem = _check_training_values(oracle, candidate, batch, None if noisy else tolerance)
+            problem = training()
         finally:
             oracle.zero_grad(set_to_none=True)
             candidate.zero_grad(set_to_none=True)
