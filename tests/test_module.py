@@ -91,6 +91,44 @@ def test_copies_pickle_save_and_dtype_conversion() -> None:
     assert torch.equal(_run(lstm, x), expected)
 
 
+def test_replaced_and_parametrized_weights_are_used() -> None:
+    """The module keeps its parameter lists between calls; every way of changing a weight must
+    still reach the next call: in-place edits, a new Parameter, load_state_dict(assign=True),
+    and parametrizations (weight norm), whose value is computed anew each call."""
+    torch.manual_seed(0)
+    lstm = lstmkit.LSTM(4, 6, num_layers=2, bidirectional=True)
+    oracle = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 2, 4)
+
+    def check(what: str) -> None:
+        oracle.load_state_dict({k: v.detach() for k, v in lstm.state_dict().items()})
+        with torch.no_grad():
+            assert_close(lstm(x)[0], oracle(x)[0], what)
+
+    check("initial")
+    with torch.no_grad():
+        lstm.weight_hh_l1.mul_(2.0)
+    check("in-place edit")
+    lstm.weight_ih_l0_reverse = torch.nn.Parameter(torch.randn(24, 4))
+    check("new Parameter")
+    state = {k: torch.randn_like(v) for k, v in lstm.state_dict().items()}
+    lstm.load_state_dict(state, assign=True)
+    check("load_state_dict(assign=True)")
+
+    parametrize = torch.nn.utils.parametrize
+    weight_norm = torch.nn.utils.parametrizations.weight_norm
+    weight_norm(lstm, "weight_hh_l0")
+    with torch.no_grad():
+        lstm.parametrizations.weight_hh_l0.original0.mul_(0.5)  # the norm g
+        effective = lstm.weight_hh_l0.clone()
+        out = lstm(x)[0]
+    parametrize.remove_parametrizations(lstm, "weight_hh_l0")
+    assert torch.equal(lstm.weight_hh_l0, effective)
+    with torch.no_grad():
+        assert torch.equal(lstm(x)[0], out)
+    check("after removing the parametrization")
+
+
 def test_configuration_attributes_are_revalidated_when_set() -> None:
     lstm = lstmkit.LSTM(4, 6, num_layers=2)
     lstm.batch_first = True

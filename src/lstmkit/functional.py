@@ -218,19 +218,13 @@ def run_stack(
     c0 (num_layers*D, N, H_cell) -> output (L, N, D*H_out), h_n and c_n like h0 and c0, and
     with ``sequences`` each layer's (h (L, N, D*H_out), c (L, N, D*H_cell)) at every step."""
     request = backends.Request(
-        device_type=x.device.type,
-        dtype=x.dtype,
-        requires_grad=torch.is_grad_enabled()
-        and (
-            x.requires_grad
-            or h0.requires_grad
-            or c0.requires_grad
-            or any(w.weight_ih.requires_grad for layer in weights for w in layer)
-        ),
-        bidirectional=spec.bidirectional,
-        proj=spec.proj_size > 0,
-        variable_lengths=lengths is not None,
-        variants=spec.step_variants(training),
+        x.device.type,
+        x.dtype,
+        _needs_grad(x, h0, c0, weights),
+        spec.bidirectional,
+        spec.proj_size > 0,
+        lengths is not None,
+        spec.step_variants(training),
     )
     backend = backends.choose(request)
     directions = spec.num_directions
@@ -240,7 +234,6 @@ def run_stack(
     layer_input = x.contiguous()
     h0, c0 = h0.contiguous(), c0.contiguous()
     for layer, layer_weights in enumerate(weights):
-        rows = slice(layer * directions, (layer + 1) * directions)
         if training and spec.weight_dropout > 0:
             layer_weights = [_drop_weights(w, spec.weight_dropout) for w in layer_weights]
         extra = {}
@@ -248,7 +241,13 @@ def run_stack(
             layer_variants = variants[layer] if variants else [NO_VARIANT] * directions
             extra["variants"] = _with_noise(layer_variants, spec, training, x.shape[:2], x)
         out, h, c, *cells = backend.run_layer(
-            layer_input, h0[rows], c0[rows], layer_weights, lengths, sequences, **extra
+            layer_input,
+            _rows(h0, layer, directions, len(weights)),
+            _rows(c0, layer, directions, len(weights)),
+            layer_weights,
+            lengths,
+            sequences,
+            **extra,
         )
         h_n.append(h)
         c_n.append(c)
@@ -257,7 +256,23 @@ def run_stack(
         if training and spec.dropout > 0 and layer < spec.num_layers - 1:
             out = F.dropout(out, spec.dropout, training=True)
         layer_input = out
-    return layer_input, torch.cat(h_n), torch.cat(c_n), per_layer if sequences else None
+    if len(weights) > 1:
+        h_n, c_n = [torch.cat(h_n)], [torch.cat(c_n)]
+    return layer_input, h_n[0], c_n[0], per_layer if sequences else None
+
+
+def _rows(states: Tensor, layer: int, directions: int, layers: int) -> Tensor:
+    """Layer ``layer``'s (D, N, ·) rows of a (num_layers*D, N, ·) state."""
+    return states if layers == 1 else states.narrow(0, layer * directions, directions)
+
+
+def _needs_grad(x: Tensor, h0: Tensor, c0: Tensor, weights: list[list[LayerWeights]]) -> bool:
+    """Whether autograd will differentiate this call: some input or weight requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad or h0.requires_grad or c0.requires_grad:
+        return True
+    return any(t is not None and t.requires_grad for layer in weights for w in layer for t in w)
 
 
 def _drop_weights(weights: LayerWeights, p: float) -> LayerWeights:

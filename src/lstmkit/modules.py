@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
+from operator import is_
 
 import torch
 from torch import Tensor, nn
@@ -34,6 +35,10 @@ def _spec_field(name: str) -> property:
         self.spec = dataclasses.replace(self.spec, **{name: value})
 
     return property(get, set, doc=f"``{name}`` of the configuration (see ``spec``).")
+
+
+def _chunks(items: list[str], size: int) -> list[list[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 class LSTM(nn.Module):
@@ -242,39 +247,54 @@ class LSTM(nn.Module):
 
     def layer_weights(self) -> list[list[LayerWeights]]:
         """The parameters as ``weights[layer][direction]`` for :mod:`lstmkit.functional`."""
-        directions = self.spec.num_directions
-        return [
-            [
-                self._direction_weights(f"_l{layer}" + ("_reverse" if d == 1 else ""))
-                for d in range(directions)
-            ]
-            for layer in range(self.num_layers)
-        ]
+        return self._parameter_lists()[0]
 
     def layer_variants(self) -> list[list[Variant]] | None:
         """The variants' parameters as ``variants[layer][direction]``, or ``None`` if the
         configuration has no layer norm and no peepholes."""
-        if not (self.spec.layer_norm or self.spec.peepholes):
-            return None
-        get = self.__dict__["_parameters"].get
-        suffixes = iter(self._suffixes())
-        return [
-            [
-                Variant(*(get(kind + suffix) for kind in Variant._fields[:7]))
-                for suffix in (next(suffixes) for _ in range(self.spec.num_directions))
-            ]
-            for _ in range(self.spec.num_layers)
-        ]
+        return self._parameter_lists()[1]
 
-    def _direction_weights(self, suffix: str) -> LayerWeights:
-        get = self.__dict__["_parameters"].get
-        return LayerWeights(
-            get("weight_ih" + suffix),
-            get("weight_hh" + suffix),
-            get("bias_ih" + suffix),
-            get("bias_hh" + suffix),
-            get("weight_hr" + suffix),
-        )
+    def _parameter_lists(self) -> tuple[list[list[LayerWeights]], list[list[Variant]] | None]:
+        """``layer_weights()`` and ``layer_variants()``, rebuilt only when they may differ.
+
+        They hold the parameter objects themselves, so they stay right when a parameter's data
+        changes. They are rebuilt when any object in ``_parameters`` or the spec was replaced
+        (assignment, ``.to()``, ``load_state_dict(assign=True)``), and on every call when a
+        parameter lives elsewhere (``torch.nn.utils.parametrize``, weight norm), where the
+        value is computed anew each time.
+        """
+        key = (self.spec, *self._parameters.values())
+        cached = self.__dict__.get("_cached_lists")
+        if cached is not None and len(cached[0]) == len(key) and all(map(is_, cached[0], key)):
+            return cached[1]
+        get = self._parameter
+        suffixes = self._suffixes()
+        directions = self.spec.num_directions
+        weights = [
+            [LayerWeights(*(get(kind + suffix) for kind in LayerWeights._fields)) for suffix in s]
+            for s in _chunks(suffixes, directions)
+        ]
+        variants = None
+        if self.spec.layer_norm or self.spec.peepholes:
+            kinds = Variant._fields[:7]
+            variants = [
+                [Variant(*(get(kind + suffix) for kind in kinds)) for suffix in s]
+                for s in _chunks(suffixes, directions)
+            ]
+        lists = (weights, variants)
+        if not torch.nn.utils.parametrize.is_parametrized(self) and all(
+            name in self._parameters for names in self._all_weights for name in names
+        ):
+            self.__dict__["_cached_lists"] = (key, lists)
+        return lists
+
+    def _parameter(self, name: str) -> Tensor | None:
+        """The parameter (or computed weight) called ``name``; ``None`` if the configuration
+        has none (``bias_ih`` without bias, ``weight_hr`` without projection, ...)."""
+        value = self._parameters.get(name)
+        if value is not None or name in self._parameters:
+            return value
+        return getattr(self, name, None)
 
     def initial_state(self) -> tuple[Tensor, Tensor] | None:
         """The learned initial states as (num_layers*D, H_out) and (num_layers*D, H_cell), or
@@ -318,16 +338,17 @@ class LSTM(nn.Module):
         and c of every step (``layer_outputs``, ``layer_cells``; each shaped like ``output``
         with D*H_out and D*H_cell features, or PackedSequences for packed input). Layer k's h
         is its output before the dropout between layers."""
+        weights, variants = self._parameter_lists()
         return functional.lstm(
             input,
             hx,
             self.spec,
-            self.layer_weights(),
+            weights,
             self.training,
             lengths=lengths,
             initial_state=self.initial_state(),
             sequences=sequences,
-            variants=self.layer_variants(),
+            variants=variants,
         )
 
     def stream(self) -> Stream:
