@@ -300,3 +300,28 @@ def test_import_compiles_nothing(tmp_path: Path) -> None:
     )
     assert result.stdout.strip() == "ok"
     assert not (tmp_path / "cache").exists()
+
+
+def test_inference_runs_the_stack_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without autograd a plain stack goes through run_stack, never layer by layer; with
+    autograd, inter-layer dropout or per-layer sequences it runs layer by layer."""
+    lstm = lstmkit.LSTM(3, 4, num_layers=3, bidirectional=True)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        expected = lstm(x)[0]
+    calls = []
+    layer_by_layer = type(BACKEND).run_layer
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return layer_by_layer(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(BACKEND), "run_layer", counting)
+    with torch.no_grad():
+        assert torch.equal(lstm(x)[0], expected)
+    assert calls == []
+    assert torch.equal(lstm(x)[0].detach(), expected)
+    assert len(calls) == 3
+    with torch.no_grad():
+        lstm.forward_all(x)
+    assert len(calls) == 6

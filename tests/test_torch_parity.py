@@ -260,3 +260,21 @@ def test_gradcheck_float64(kwargs: dict, backend: str) -> None:
         return out, h, c
 
     assert torch.autograd.gradcheck(fn, (x, h0, c0, *params))
+
+
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no-hx", "hx"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_inference_matches_torch(
+    case: Case, dtype: torch.dtype, with_hx: bool, backend: str
+) -> None:
+    """Under no_grad a backend may run the whole stack at once (``fused_stack``)."""
+    torch.manual_seed(0)
+    ours, theirs = make_pair(case.lstm, dtype)
+    x, hx = make_inputs(case, dtype, with_hx)
+    with torch.no_grad():
+        expected = forward(theirs, case, x, hx)
+        actual = forward(ours, case, x, hx)
+    for name, a, e in zip(("output", "h_n", "c_n"), actual, expected):
+        assert_close(a, e, name)
+    assert backends.last_choice().backend == backend

@@ -227,6 +227,14 @@ def run_stack(
         spec.step_variants(training),
     )
     backend = backends.choose(request)
+    if (
+        backend.fused_stack
+        and not request.requires_grad
+        and not request.variants
+        and not sequences
+        and not (training and spec.dropout > 0)
+    ):
+        return (*backend.run_stack(x, h0, c0, weights, lengths), None)
     directions = spec.num_directions
     h_n: list[Tensor] = []
     c_n: list[Tensor] = []

@@ -50,6 +50,8 @@ class Backend:
     description: str = ""
     # The step variants (see LSTMSpec.step_variants) this backend implements.
     variants: frozenset[str] = frozenset()
+    # Whether run_stack is implemented (else stacks run layer by layer through run_layer).
+    fused_stack: bool = False
 
     def unavailable_reason(self, request: Request) -> str | None:
         """``None`` if this backend can run ``request``, else why not, in one sentence."""
@@ -88,6 +90,24 @@ class Backend:
             output (L, N, D*P) with zeros at padded steps, h_n (D, N, P), c_n (D, N, H), and
             with ``cell_sequence`` the cells (L, N, D*H), zeros at padded steps. Gradients
             flow to x, h0, c0 and every weight from all of these.
+        """
+        raise NotImplementedError
+
+    def run_stack(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weights: list[list[LayerWeights]],
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run every layer of a plain stack at once, without autograd (only with
+        ``fused_stack``). Plain: no gradient wanted, no step variant, no dropout between
+        layers, no per-layer sequences; the arguments are as for :meth:`run_layer`, with
+        ``weights[layer][direction]``.
+
+        Shape: x (L, N, H_in), h0 (num_layers*D, N, P), c0 (num_layers*D, N, H) -> output
+        (L, N, D*P), h_n and c_n like h0 and c0.
         """
         raise NotImplementedError
 

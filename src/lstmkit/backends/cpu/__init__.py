@@ -15,7 +15,7 @@ from torch import Tensor
 
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, library
-from lstmkit.backends.cpu.function import LayerFunction, run
+from lstmkit.backends.cpu.function import LayerFunction, run, run_stack
 from lstmkit.reference import LayerWeights, Variant
 
 DTYPES = (torch.float32, torch.float64)
@@ -23,6 +23,7 @@ DTYPES = (torch.float32, torch.float64)
 
 class CpuBackend(Backend):
     name = "cpu"
+    fused_stack = True
 
     @property
     def description(self) -> str:
@@ -77,6 +78,22 @@ class CpuBackend(Backend):
             kernels, x, h0, c0, params, lengths, cell_sequence, training=False
         )
         return (out, h_n, c_n, cells) if cell_sequence else (out, h_n, c_n)
+
+    def run_stack(
+        self,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        weights: list[list[LayerWeights]],
+        lengths: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        kernels = library.load().kernels[x.dtype]
+        params = [
+            [None if w is None else w.contiguous() for d in layer for w in d] for layer in weights
+        ]
+        if lengths is not None:
+            lengths = lengths.to(torch.int64).contiguous()
+        return run_stack(kernels, x.contiguous(), h0.contiguous(), c0.contiguous(), params, lengths)
 
 
 BACKEND = CpuBackend()

@@ -31,7 +31,7 @@ def run(
     direction. Returns the packed layer (for backward), out, h_n, c_n, the cells (with
     ``cell_sequence`` or ``training``, else None) and what backward needs (training, else None).
     """
-    steps, batch, features = x.shape
+    steps, batch, _ = x.shape
     directions = len(params) // 5
     h_size, hidden = h0.shape[2], c0.shape[2]
     new = x.new_empty
@@ -39,7 +39,63 @@ def run(
     h_n = new(directions, batch, h_size)
     c_n = new(directions, batch, hidden)
     cells = new(steps, batch, directions * hidden) if cell_sequence or training else None
-    fields = [
+    fields = _fields(x, h0, c0, params, lengths, out, h_n, c_n, cells)
+    layer = LAYER.pack(*fields)
+    saved = None
+    if training:
+        saved = new(kernels.saved_elems(layer))
+        fields[-1] = saved.data_ptr()
+        layer = LAYER.pack(*fields)
+    _forward(kernels, layer)
+    return layer, out, h_n, c_n, cells, saved
+
+
+def run_stack(
+    kernels: Kernels,
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    weights: list[list[Param]],
+    lengths: Tensor | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Every layer, inference only: each layer reads its initial states from its rows of h0
+    and c0 and writes its final ones into its rows of one h_n and c_n, by address, so no view
+    or concatenation is made per layer. ``weights[layer]`` is the layer's flat LayerWeights.
+    Shape: x (L, N, H_in), h0 and c0 (num_layers*D, N, ·), contiguous -> output, h_n, c_n.
+    """
+    steps, batch, _ = x.shape
+    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+    layer_input = x
+    for layer, params in enumerate(weights):
+        directions = len(params) // 5
+        out = x.new_empty(steps, batch, directions * h0.shape[2])
+        first_row = layer * directions
+        fields = _fields(layer_input, h0, c0, params, lengths, out, h_n, c_n, None, first_row)
+        _forward(kernels, LAYER.pack(*fields))
+        layer_input = out
+    return layer_input, h_n, c_n
+
+
+def _fields(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: list[Param],
+    lengths: Tensor | None,
+    out: Tensor,
+    h_n: Tensor,
+    c_n: Tensor,
+    cells: Tensor | None,
+    first_row: int = 0,
+) -> list[int]:
+    """lk_layer's fields (without ``saved``: 0). The states are (rows, N, ·) tensors of which
+    this layer uses the D rows from ``first_row``."""
+    steps, batch, features = x.shape
+    directions = len(params) // 5
+    h_size, hidden = h0.shape[2], c0.shape[2]
+    h_offset = first_row * batch * h_size * x.element_size()
+    c_offset = first_row * batch * hidden * x.element_size()
+    return [
         steps,
         batch,
         features,
@@ -49,25 +105,21 @@ def run(
         torch.get_num_threads(),
         0 if lengths is None else lengths.data_ptr(),
         x.data_ptr(),
-        h0.data_ptr(),
-        c0.data_ptr(),
+        h0.data_ptr() + h_offset,
+        c0.data_ptr() + c_offset,
         *_addresses(params),
         *(_NO_DIRECTION if directions == 1 else ()),
         out.data_ptr(),
-        h_n.data_ptr(),
-        c_n.data_ptr(),
+        h_n.data_ptr() + h_offset,
+        c_n.data_ptr() + c_offset,
         0 if cells is None else cells.data_ptr(),
         0,
     ]
-    layer = LAYER.pack(*fields)
-    saved = None
-    if training:
-        saved = new(kernels.saved_elems(layer))
-        fields[-1] = saved.data_ptr()
-        layer = LAYER.pack(*fields)
+
+
+def _forward(kernels: Kernels, layer: bytes) -> None:
     if kernels.forward(layer) != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
-    return layer, out, h_n, c_n, cells, saved
 
 
 class LayerFunction(torch.autograd.Function):
