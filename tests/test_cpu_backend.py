@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,10 +272,19 @@ def test_build_into_a_fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert compiler is not None
     target = build.library_path(compiler)
     assert target.parent == tmp_path and not target.exists()
+    day = 86400.0
+    stale, recent, other = (tmp_path / n for n in ("lstmkit_cpu_0.so", "lstmkit_cpu_1.so", "x.so"))
+    for path, age_days in ((stale, build.STALE_DAYS + 1), (recent, 1), (other, 99)):
+        path.write_bytes(b"")
+        os.utime(path, (time.time() - age_days * day,) * 2)
     build.build(compiler, target)
-    assert [p.name for p in tmp_path.iterdir()] == [target.name]  # no temporary files left
+    # no temporary files left; the build unused for STALE_DAYS is gone, the others stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, recent.name, "x.so"])
     loaded = ctypes.CDLL(str(target))
     assert loaded.lk_layer_bytes() == library.LAYER.size
+    os.utime(target, (time.time() - 10 * day,) * 2)
+    build.mark_used(target)
+    assert target.stat().st_mtime > time.time() - day
 
 
 def test_build_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,16 +7,22 @@ Concurrent builds are safe: each writes a private temporary file and renames it 
 
 Cache directory: ``$LSTMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lstmkit``, else
 ``~/.cache/lstmkit``. Compiler: ``$CC``, else ``gcc``, else ``cc``.
+
+Each source version has its own build, so old ones would pile up: loading a build marks it
+used (its modification time), and every new build removes the builds nobody has loaded for
+:data:`STALE_DAYS` days.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
@@ -38,6 +44,8 @@ FLAGS = (
 )
 LINK_FLAGS = ("-shared", "-fopenmp")
 LIBRARIES = ("-lm",)
+PREFIX = "lstmkit_cpu_"
+STALE_DAYS = 30
 
 
 class BuildError(RuntimeError):
@@ -90,7 +98,7 @@ def library_path(compiler: str) -> Path:
         platform.platform(),
     ):
         digest.update(part.encode() + b"\0")
-    return cache_dir() / f"lstmkit_cpu_{digest.hexdigest()[:20]}.so"
+    return cache_dir() / f"{PREFIX}{digest.hexdigest()[:20]}.so"
 
 
 def build(compiler: str, target: Path) -> None:
@@ -107,6 +115,29 @@ def build(compiler: str, target: Path) -> None:
         command = [compiler, *LINK_FLAGS, "-o", str(partial), *(u[2] for u in UNITS), *LIBRARIES]
         _finish(command, _start(command, tmp))
         os.replace(partial, target)
+    prune(target.parent)
+
+
+def mark_used(path: Path) -> None:
+    """Record that ``path`` was loaded now, so that :func:`prune` keeps it."""
+    with contextlib.suppress(OSError):  # a read-only cache still works
+        os.utime(path)
+
+
+def prune(directory: Path, max_age_days: float = STALE_DAYS) -> list[Path]:
+    """Remove the builds in ``directory`` not used for ``max_age_days``; returns them.
+
+    A process that still has one loaded keeps its mapping: removing the file is safe."""
+    cutoff = time.time() - max_age_days * 86400
+    removed = []
+    for path in directory.glob(f"{PREFIX}*.so"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except OSError:
+            continue  # another process pruned it, or it is not ours to remove
+    return removed
 
 
 def _start(command: list[str], cwd: str) -> subprocess.Popen[str]:

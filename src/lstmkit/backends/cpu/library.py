@@ -96,6 +96,8 @@ def _load() -> Library:
         start = time.perf_counter()
         build.build(compiler, path)
         compiled_seconds = time.perf_counter() - start
+    else:
+        build.mark_used(path)
     try:
         cdll = ctypes.CDLL(str(path))
     except OSError as error:
