@@ -312,10 +312,11 @@ def test_import_compiles_nothing(tmp_path: Path) -> None:
     assert not (tmp_path / "cache").exists()
 
 
-def test_inference_runs_the_stack_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without autograd a plain stack goes through run_stack, never layer by layer; with
-    autograd, inter-layer dropout or per-layer sequences it runs layer by layer."""
-    lstm = lstmkit.LSTM(3, 4, num_layers=3, bidirectional=True)
+def test_plain_stacks_run_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plain stack goes through run_stack, with or without autograd, never layer by layer;
+    per-layer sequences and dropout between layers run layer by layer."""
+    lstm = lstmkit.LSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.5)
+    lstm.eval()
     x = torch.randn(5, 2, 3)
     with torch.no_grad():
         expected = lstm(x)[0]
@@ -329,9 +330,11 @@ def test_inference_runs_the_stack_in_one_pass(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(type(BACKEND), "run_layer", counting)
     with torch.no_grad():
         assert torch.equal(lstm(x)[0], expected)
-    assert calls == []
     assert torch.equal(lstm(x)[0].detach(), expected)
-    assert len(calls) == 3
+    assert calls == []
     with torch.no_grad():
         lstm.forward_all(x)
+    assert len(calls) == 3
+    lstm.train()
+    lstm(x)
     assert len(calls) == 6

@@ -227,9 +227,10 @@ def run_stack(
         spec.step_variants(training),
     )
     backend = backends.choose(request)
+    if training and spec.weight_dropout > 0:
+        weights = [[_drop_weights(w, spec.weight_dropout) for w in layer] for layer in weights]
     if (
         backend.fused_stack
-        and not request.requires_grad
         and not request.variants
         and not sequences
         and not (training and spec.dropout > 0)
@@ -242,8 +243,6 @@ def run_stack(
     layer_input = x.contiguous()
     h0, c0 = h0.contiguous(), c0.contiguous()
     for layer, layer_weights in enumerate(weights):
-        if training and spec.weight_dropout > 0:
-            layer_weights = [_drop_weights(w, spec.weight_dropout) for w in layer_weights]
         extra = {}
         if request.variants:
             layer_variants = variants[layer] if variants else [NO_VARIANT] * directions

@@ -101,9 +101,9 @@ class Backend:
         weights: list[list[LayerWeights]],
         lengths: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Run every layer of a plain stack at once, without autograd (only with
-        ``fused_stack``). Plain: no gradient wanted, no step variant, no dropout between
-        layers, no per-layer sequences; the arguments are as for :meth:`run_layer`, with
+        """Run every layer of a plain stack at once, differentiably (only with
+        ``fused_stack``). Plain: no step variant, no dropout between layers, no per-layer
+        sequences; the arguments are as for :meth:`run_layer`, with
         ``weights[layer][direction]``.
 
         Shape: x (L, N, H_in), h0 (num_layers*D, N, P), c0 (num_layers*D, N, H) -> output

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, library
-from lstmkit.backends.cpu.function import LayerFunction, run, run_stack
+from lstmkit.backends.cpu.function import LayerFunction, run
+from lstmkit.backends.cpu.stack import StackFunction, run_stack
 from lstmkit.reference import LayerWeights, Variant
 
 DTYPES = (torch.float32, torch.float64)
@@ -88,12 +89,16 @@ class CpuBackend(Backend):
         lengths: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         kernels = library.load().kernels[x.dtype]
-        params = [
-            [None if w is None else w.contiguous() for d in layer for w in d] for layer in weights
-        ]
+        params = [None if w is None else w.contiguous() for ws in weights for d in ws for w in d]
+        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+        directions = len(weights[0])
         if lengths is not None:
             lengths = lengths.to(torch.int64).contiguous()
-        return run_stack(kernels, x.contiguous(), h0.contiguous(), c0.contiguous(), params, lengths)
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h0, c0, *params)
+        ):
+            return StackFunction.apply(kernels, lengths, directions, x, h0, c0, *params)
+        return run_stack(kernels, x, h0, c0, params, directions, lengths)
 
 
 BACKEND = CpuBackend()

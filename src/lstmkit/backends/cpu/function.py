@@ -10,10 +10,10 @@ from torch.autograd.function import FunctionCtx
 from lstmkit.backends.cpu.library import GRADS, LAYER, Kernels
 
 Param = Tensor | None
-_NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
+NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
 
 
-def _addresses(tensors: list[Param] | tuple[Param, ...]) -> list[int]:
+def addresses(tensors: list[Param] | tuple[Param, ...]) -> list[int]:
     return [0 if t is None else t.data_ptr() for t in tensors]
 
 
@@ -39,44 +39,18 @@ def run(
     h_n = new(directions, batch, h_size)
     c_n = new(directions, batch, hidden)
     cells = new(steps, batch, directions * hidden) if cell_sequence or training else None
-    fields = _fields(x, h0, c0, params, lengths, out, h_n, c_n, cells)
+    fields = layer_fields(x, h0, c0, params, lengths, out, h_n, c_n, cells)
     layer = LAYER.pack(*fields)
     saved = None
     if training:
         saved = new(kernels.saved_elems(layer))
         fields[-1] = saved.data_ptr()
         layer = LAYER.pack(*fields)
-    _forward(kernels, layer)
+    forward_layer(kernels, layer)
     return layer, out, h_n, c_n, cells, saved
 
 
-def run_stack(
-    kernels: Kernels,
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    weights: list[list[Param]],
-    lengths: Tensor | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Every layer, inference only: each layer reads its initial states from its rows of h0
-    and c0 and writes its final ones into its rows of one h_n and c_n, by address, so no view
-    or concatenation is made per layer. ``weights[layer]`` is the layer's flat LayerWeights.
-    Shape: x (L, N, H_in), h0 and c0 (num_layers*D, N, ·), contiguous -> output, h_n, c_n.
-    """
-    steps, batch, _ = x.shape
-    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-    layer_input = x
-    for layer, params in enumerate(weights):
-        directions = len(params) // 5
-        out = x.new_empty(steps, batch, directions * h0.shape[2])
-        first_row = layer * directions
-        fields = _fields(layer_input, h0, c0, params, lengths, out, h_n, c_n, None, first_row)
-        _forward(kernels, LAYER.pack(*fields))
-        layer_input = out
-    return layer_input, h_n, c_n
-
-
-def _fields(
+def layer_fields(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
@@ -107,8 +81,8 @@ def _fields(
         x.data_ptr(),
         h0.data_ptr() + h_offset,
         c0.data_ptr() + c_offset,
-        *_addresses(params),
-        *(_NO_DIRECTION if directions == 1 else ()),
+        *addresses(params),
+        *(NO_DIRECTION if directions == 1 else ()),
         out.data_ptr(),
         h_n.data_ptr() + h_offset,
         c_n.data_ptr() + c_offset,
@@ -117,7 +91,7 @@ def _fields(
     ]
 
 
-def _forward(kernels: Kernels, layer: bytes) -> None:
+def forward_layer(kernels: Kernels, layer: bytes) -> None:
     if kernels.forward(layer) != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
 
@@ -155,12 +129,7 @@ class LayerFunction(torch.autograd.Function):
         x, h0, c0, _, _, *params = ctx.saved_tensors  # checks nothing was modified in place
         with torch.no_grad():
             result = _backward(ctx, x, h0, c0, params, grads)
-        anchor = next((t for t in (x, h0, c0, *params) if t is not None and t.requires_grad), None)
-        if torch.is_grad_enabled() and anchor is not None:  # create_graph=True
-            computed = _FirstDerivativesOnly.apply(anchor, *(r for r in result if r is not None))
-            rest = iter(computed)
-            result = tuple(None if r is None else next(rest) for r in result)
-        return None, None, None, *result
+        return None, None, None, *first_derivatives_only(result, (x, h0, c0, *params))
 
 
 DOUBLE_BACKWARD = (
@@ -168,6 +137,18 @@ DOUBLE_BACKWARD = (
     "differentiated again (double backward through create_graph=True). Run with "
     "LSTMKIT_BACKEND=reference for higher derivatives."
 )
+
+
+def first_derivatives_only(
+    result: tuple[Tensor | None, ...], inputs: tuple[Param, ...]
+) -> tuple[Tensor | None, ...]:
+    """The gradients ``result`` of ``inputs``; under create_graph=True, wrapped so that
+    differentiating them raises DOUBLE_BACKWARD instead of silently giving zeros."""
+    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return result
+    computed = iter(_FirstDerivativesOnly.apply(anchor, *(r for r in result if r is not None)))
+    return tuple(None if r is None else next(computed) for r in result)
 
 
 class _FirstDerivativesOnly(torch.autograd.Function):
@@ -198,9 +179,9 @@ def _backward(
     incoming = [None if g is None else g.contiguous() for g in grads]
     incoming += [None] * (4 - len(incoming))  # no cell_sequence: no gradient of cells
     packed = GRADS.pack(
-        *_addresses(incoming),
-        *_addresses(wanted),
-        *(_NO_DIRECTION if len(params) == 5 else ()),
+        *addresses(incoming),
+        *addresses(wanted),
+        *(NO_DIRECTION if len(params) == 5 else ()),
     )
     if ctx.kernels.backward(ctx.layer, packed) != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
