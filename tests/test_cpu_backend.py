@@ -338,3 +338,23 @@ def test_plain_stacks_run_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     lstm.train()
     lstm(x)
     assert len(calls) == 6
+
+
+def test_stack_backward_twice_double_backward_and_in_place_edits() -> None:
+    """The one autograd node of a stack: a retained graph gives the same gradients again,
+    differentiating its gradients raises, and editing its output in place is caught."""
+    lstm = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    out, (h_n, c_n) = lstm(x)
+    loss = out.square().sum() + h_n.sum() + c_n.sum()
+    first = torch.autograd.grad(loss, [x, lstm.weight_hh_l0], retain_graph=True)
+    second = torch.autograd.grad(loss, [x, lstm.weight_hh_l0])
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    (grad_x,) = torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="first derivatives only"):
+        grad_x.sum().backward()
+    out, _ = lstm(x)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
