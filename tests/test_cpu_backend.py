@@ -58,7 +58,16 @@ LAYERS = [
     Layer("panel-passes-forward", 2, 3, 4, 520, proj=515),
     Layer("threads", 8, 24, 64, 96, directions=1),  # enough work for a team of threads
     Layer("threads-proj", 8, 24, 64, 96, proj=40, directions=1, lengths=(8,) * 20 + (5, 3, 2, 0)),
+    # batch 1: weights small enough to be packed, torch's rows with the input projection inside
+    # the step, or after a GEMM (float32 and float64 fall on either side of the size limits);
+    # partial unit blocks, lengths (zero too), both directions, and a team of two threads
+    Layer("batch-1-lengths-bi", 7, 1, 3, 20, directions=2, lengths=(5,)),
+    Layer("batch-1-zero-length", 3, 1, 4, 8, lengths=(0,), cells=True),
+    Layer("batch-1-fused", 6, 1, 8, 45, directions=2),
+    Layer("batch-1-gemm", 5, 1, 70, 37, directions=2, lengths=(4,), cells=True),
+    Layer("batch-1-threads", 300, 1, 64, 128),
 ]
+BY_NAME = {layer.name: layer for layer in LAYERS}
 
 
 def make_layer(layer: Layer, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, list]:
@@ -118,10 +127,35 @@ def builtin_gemm():
     library.use_builtin_gemm(False)
 
 
-@pytest.mark.parametrize("layer", [LAYERS[0], LAYERS[6]], ids=lambda c: c.name)
+@pytest.mark.parametrize(
+    "layer",
+    [BY_NAME[n] for n in ("tiny", "lengths-proj-cells", "batch-1-gemm")],
+    ids=lambda c: c.name,
+)
 def test_matches_reference_without_blas(layer: Layer, builtin_gemm: str) -> None:
     assert "own GEMM loop" in builtin_gemm
     run_both(layer, torch.float64)
+
+
+@pytest.mark.parametrize("name", ["threads", "batch-1-threads"])
+def test_same_bits_on_one_and_two_threads(name: str) -> None:
+    """A team of two threads splits the units of each step: the results do not change a bit."""
+    layer = BY_NAME[name]
+    results = []
+    threads_before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            x, h0, c0, weights = make_layer(layer, torch.float32)
+            outputs = BACKEND.run_layer(x, h0, c0, weights, None)
+            params = [w for d in weights for w in d if w is not None]
+            seeds = [torch.ones_like(t) for t in outputs]
+            grads = torch.autograd.grad(outputs, [x, h0, c0, *params], seeds)
+            results.append([t.detach() for t in (*outputs, *grads)])
+    finally:
+        torch.set_num_threads(threads_before)
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
 
 
 def test_inference_keeps_nothing_and_matches_training() -> None:

@@ -21,6 +21,19 @@
  * columns of P. Weights are packed on every call (a copy of each weight: small next to the
  * work of a call, and nothing can go stale).
  *
+ * Batch 1 (B = 1, no proj_size: the latency shapes) skips the panels: a step is a matrix-vector
+ * product, bound by reading W_hh (from L1 when small, else L2), by its chain of dependent FMAs
+ * and by the latency of the gate update. Weights whose [W_ih W_hh]^T fits in L1 are packed once
+ * per call into rows of gate columns (wt) and each input of the step (x_t, then h_{t-1}) is
+ * broadcast against its row, two unit blocks (8 accumulators) at a time, the input projection
+ * included. Bigger ones are read as torch stores them: each gate vector is V dot products with
+ * rows of W_hh, summed across lanes at the end (row_block), so nothing is packed or copied and
+ * W_hh stays cached between calls; W_ih joins the dot products when it is small, else x W_ih^T
+ * is one GEMM before the loop. The gate update follows in registers. Backward's dh = dA W_hh
+ * reads torch's rows of W_hh too, and the weight and input gradients of thin shapes (up to 2V
+ * columns, where the BLAS was several times off its FMA count) take register tiles of their
+ * own over all steps.
+ *
  * Threads: one OpenMP parallel region for the whole sequence. A bidirectional layer gives each
  * direction its own team (one thread each on two cores: no synchronisation at all); within a
  * team each thread owns a range of unit blocks (and of P panels), whose weight panels stay in
@@ -64,6 +77,10 @@ typedef int32_t ival;
 
 #define V ((int64_t)(LK_VBYTES / sizeof(real))) /* lanes per vector */
 #define W (4 * V)                               /* columns per panel */
+/* Batch 1 (see row_block): weights of at most SMALL bytes are packed for broadcasts (they stay
+ * in L1); above, W_ih of at most FUSE bytes is read inside the step, a bigger one by a GEMM. */
+#define LK_SMALL_BYTES 32768.0
+#define LK_FUSE_BYTES 32768.0
 typedef real vec __attribute__((vector_size(LK_VBYTES)));
 typedef ival ivec __attribute__((vector_size(LK_VBYTES)));
 
@@ -112,6 +129,18 @@ LK_INLINE void vstore_n(real *p, vec v, int64_t n)
     else
         X86(maskstore)(p, (__m256i)(lane_index < (ival)n), (xvec)v);
 }
+/* Lane v of the result: the sum of the lanes of s[v] (pairwise adds, then the two halves). */
+LK_INLINE vec lane_sums(const vec s[V])
+{
+#if LK_DOUBLE
+    xvec t0 = X86(hadd)((xvec)s[0], (xvec)s[1]), t1 = X86(hadd)((xvec)s[2], (xvec)s[3]);
+#else
+    xvec u0 = X86(hadd)((xvec)s[0], (xvec)s[1]), u1 = X86(hadd)((xvec)s[2], (xvec)s[3]);
+    xvec u2 = X86(hadd)((xvec)s[4], (xvec)s[5]), u3 = X86(hadd)((xvec)s[6], (xvec)s[7]);
+    xvec t0 = X86(hadd)(u0, u1), t1 = X86(hadd)(u2, u3);
+#endif
+    return (vec)X86(add)(X86(permute2f128)(t0, t1, 0x20), X86(permute2f128)(t0, t1, 0x31));
+}
 #else
 LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
 LK_INLINE vec vmax_nan(real lo, vec x) { return vsel(x < lo, splat(lo), x); }
@@ -130,6 +159,17 @@ LK_INLINE void vstore_n(real *p, vec v, int64_t n)
         vstore(p, v);
     else
         memcpy(p, &v, (size_t)n * sizeof(real));
+}
+LK_INLINE vec lane_sums(const vec s[V])
+{
+    vec sums;
+    for (int v = 0; v < V; v++) {
+        real sum = 0;
+        for (int k = 0; k < V; k++)
+            sum += s[v][k];
+        sums[v] = sum;
+    }
+    return sums;
 }
 #endif
 
@@ -253,12 +293,17 @@ typedef struct {
     int64_t Hb, Hp, Gp; /* unit blocks, padded units, padded gate columns */
     int64_t Pb, Pp;     /* panels of W columns over P, padded P */
     int proj, keep;     /* proj_size > 0; training (keep the gates) */
+    int row, fuse;      /* batch 1 (see row_block); its input projection inside the step */
+    int small;          /* batch 1 with [W_ih W_hh]^T packed in wt (see row_blocks) */
     const int64_t *off; /* (T + 1) packed row of (t, 0): the active rows of the steps before */
     const real *x, *h0, *c0;
     const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
     real *out, *cells, *ring; /* ring: (2, B, H) last two cell states when cells is NULL */
     real *G;                  /* (R, Gp) gates, packed: input projection, then activations */
     real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
+    real *pre;                /* row without fuse: (R, G) x W_ih^T in torch's gate order */
+    real *wt;                 /* small: (I + P, Gp) [W_ih W_hh]^T, permuted columns */
+    const real *w_ih, *w_hh;  /* torch's weights, as given */
     /* forward weights, packed */
     real *wx;   /* (Gp, I) permuted rows of W_ih */
     real *bias; /* (Gp) b_ih + b_hh */
@@ -326,6 +371,11 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
     w->Pb = (a->P + W - 1) / W;
     w->Pp = w->Pb * W;
     w->proj = a->w[d][LK_W_HR] != NULL;
+    w->row = a->B == 1 && !w->proj;
+    w->small = w->row && (double)((a->I + a->P) * w->Gp) * sizeof(real) <= LK_SMALL_BYTES;
+    w->fuse = w->small || (w->row && (double)(4 * a->H * a->I) * sizeof(real) <= LK_FUSE_BYTES);
+    w->w_ih = a->w[d][LK_W_IH];
+    w->w_hh = a->w[d][LK_W_HH];
     w->x = a->x;
     w->h0 = (const real *)a->h0 + d * a->B * a->P;
     w->c0 = (const real *)a->c0 + d * a->B * a->H;
@@ -343,6 +393,18 @@ static int64_t panel_at(int64_t panel, int64_t rows, int64_t k, int64_t c)
     return ((panel * 2 + c / (2 * V)) * rows + k) * (2 * V) + c % (2 * V);
 }
 
+/* small: wt (I + P, Gp), row k the weights of input k (x_t, then h_{t-1}) for every gate
+ * column, written row after row. */
+static void pack_small(const dir_t *w, real *wt)
+{
+    const real *w_ih = w->w_ih, *w_hh = w->w_hh;
+    for (int64_t k = 0; k < w->I + w->P; k++, wt += w->Gp)
+        for (int64_t col = 0; col < w->Gp; col++) {
+            const int64_t r = torch_row(w, col);
+            wt[col] = r < 0 ? 0 : k < w->I ? w_ih[r * w->I + k] : w_hh[r * w->P + k - w->I];
+        }
+}
+
 static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *wp)
 {
     const lk_layer *a = w->a;
@@ -351,16 +413,17 @@ static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *w
     const real *w_hr = a->w[w->d][LK_W_HR];
     for (int64_t col = 0; col < w->Gp; col++) {
         int64_t r = torch_row(w, col);
+        bias[col] = r < 0 ? 0 : (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
+        if (w->row) /* reads torch's weights as they are, or wt */
+            continue;
         real *panel_col = wr + panel_at(col / W, w->P, 0, col % W);
         if (r < 0) {
             memset(wx + col * w->I, 0, (size_t)w->I * sizeof(real));
-            bias[col] = 0;
             for (int64_t k = 0; k < w->P; k++)
                 panel_col[k * 2 * V] = 0;
             continue;
         }
         memcpy(wx + col * w->I, w_ih + r * w->I, (size_t)w->I * sizeof(real));
-        bias[col] = (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
         for (int64_t k = 0; k < w->P; k++)
             panel_col[k * 2 * V] = w_hh[r * w->P + k];
     }
@@ -567,28 +630,119 @@ static void zero_columns(real *row, int64_t begin, int64_t end)
         memset(row + begin, 0, (size_t)(end - begin) * sizeof(real));
 }
 
+/* The update of unit block blk of row b from its pre-activations [i, f, g, o]: c and h (or m)
+ * stored, and the activated gates into `kept` (training; NULL otherwise). */
+LK_INLINE void update_block(const dir_t *w, const step_t *st, int64_t b, int64_t blk,
+                            const vec pre[4], real *kept)
+{
+    const int64_t lanes = clamp_lanes(w->H - blk * V);
+    vec i = v_sigmoid(pre[0]), f = v_sigmoid(pre[1]), g = v_tanh(pre[2]), o = v_sigmoid(pre[3]);
+    vec c = f * vload_n(c_prev(w, st, b) + blk * V, lanes) + i * g;
+    vec h = o * v_tanh(c);
+    vstore_n(cell_row(w, st->t, b) + blk * V, c, lanes);
+    if (w->proj)
+        vstore(m_row(w, st->t, b) + blk * V, h);
+    else
+        vstore_n(out_row(w, st->t, b) + blk * V, h, lanes);
+    if (kept != NULL) {
+        vstore(kept, i);
+        vstore(kept + V, f);
+        vstore(kept + 2 * V, g);
+        vstore(kept + 3 * V, o);
+    }
+}
+
 /* The gate update of unit block blk for the active rows, from the pre-activations in G. */
 static void gate_update(const dir_t *w, const step_t *st, int64_t blk)
 {
-    const int64_t lanes = clamp_lanes(w->H - blk * V);
     for (int64_t b = 0; b < st->n; b++) {
         real *pre = gate_row(w, st->t, b) + blk * W;
-        vec i = v_sigmoid(vload(pre)), f = v_sigmoid(vload(pre + V));
-        vec g = v_tanh(vload(pre + 2 * V)), o = v_sigmoid(vload(pre + 3 * V));
-        vec c = f * vload_n(c_prev(w, st, b) + blk * V, lanes) + i * g;
-        vec h = o * v_tanh(c);
-        vstore_n(cell_row(w, st->t, b) + blk * V, c, lanes);
-        if (w->proj)
-            vstore(m_row(w, st->t, b) + blk * V, h);
-        else
-            vstore_n(out_row(w, st->t, b) + blk * V, h, lanes);
-        if (w->keep) {
-            vstore(pre, i);
-            vstore(pre + V, f);
-            vstore(pre + 2 * V, g);
-            vstore(pre + 3 * V, o);
-        }
+        const vec gates[4] = {vload(pre), vload(pre + V), vload(pre + 2 * V), vload(pre + 3 * V)};
+        update_block(w, st, b, blk, gates, w->keep ? pre : NULL);
     }
+}
+
+/* ---- batch 1: a step is matrix-vector products on torch's row-major weights ----
+ * The gate q of unit block blk is V rows of W_hh (q H + blk V + v, a row of P weights each):
+ * V dot products with h_{t-1}, each accumulated in a vector over chunks of V columns, then
+ * summed across lanes (lane_sums), so no weight is packed or copied and every load is
+ * contiguous. With `fuse`, the same accumulators first take the dot products of x_t with the
+ * rows of W_ih (when W_ih is small enough to stay in cache beside W_hh); otherwise x W_ih^T for
+ * every step is one GEMM before the loop, in torch's gate order (pre). The update follows in
+ * registers. Rows of padded lanes repeat the block's first row and are never stored. */
+
+/* acc[v] += src[0..n) * rows[v][0..n) by vectors, rows[v] = first + min(v, lanes - 1) ld. */
+LK_INLINE void dot_rows(vec acc[V], const real *first, int64_t ld, int64_t lanes, const real *src,
+                        int64_t n)
+{
+    const real *rows[V];
+    for (int v = 0; v < V; v++)
+        rows[v] = first + (v < lanes ? v : 0) * ld;
+    int64_t k = 0;
+    for (; k + V <= n; k += V) {
+        const vec s = vload(src + k);
+        for (int v = 0; v < V; v++)
+            acc[v] += s * vload(rows[v] + k);
+    }
+    if (k < n) {
+        const vec s = vload_n(src + k, n - k);
+        for (int v = 0; v < V; v++)
+            acc[v] += s * vload_n(rows[v] + k, n - k);
+    }
+}
+
+/* Unit block blk of the one row of step st: its four gates, then the update. */
+static void row_block(const dir_t *w, const step_t *st, int64_t blk)
+{
+    const int64_t lanes = clamp_lanes(w->H - blk * V), row = w->off[st->t];
+    const real *h = h_prev(w, st, 0), *x = w->xp + row * w->I;
+    vec pre[4];
+    for (int q = 0; q < 4; q++) {
+        const int64_t r0 = q * w->H + blk * V; /* torch's row of the block's first unit */
+        vec acc[V];
+        for (int v = 0; v < V; v++)
+            acc[v] = splat(0);
+        if (w->fuse)
+            dot_rows(acc, w->w_ih + r0 * w->I, w->I, lanes, x, w->I);
+        dot_rows(acc, w->w_hh + r0 * w->P, w->P, lanes, h, w->P);
+        pre[q] = lane_sums(acc) + vload(w->bias + blk * W + q * V);
+        if (!w->fuse)
+            pre[q] += vload_n(w->pre + row * 4 * w->H + r0, lanes);
+    }
+    update_block(w, st, 0, blk, pre, w->keep ? gate_row(w, st->t, 0) + blk * W : NULL);
+}
+
+/* small: nb unit blocks from blk (1 or 2: 4 nb accumulators) of the one row of step st, each
+ * input broadcast against its packed row of wt, so no sums across lanes. */
+LK_INLINE void row_blocks(const dir_t *w, const step_t *st, int64_t blk, const int nb)
+{
+    const int64_t row = w->off[st->t];
+    const real *x = w->xp + row * w->I, *h = h_prev(w, st, 0), *wt = w->wt + blk * W;
+    vec acc[8];
+    for (int j = 0; j < 4 * nb; j++)
+        acc[j] = vload(w->bias + blk * W + j * V);
+    for (int64_t k = 0; k < w->I; k++, wt += w->Gp) {
+        const vec s = splat(x[k]);
+        for (int j = 0; j < 4 * nb; j++)
+            acc[j] += s * vload(wt + j * V);
+    }
+    for (int64_t k = 0; k < w->P; k++, wt += w->Gp) {
+        const vec s = splat(h[k]);
+        for (int j = 0; j < 4 * nb; j++)
+            acc[j] += s * vload(wt + j * V);
+    }
+    for (int b = 0; b < nb; b++)
+        update_block(w, st, 0, blk + b, acc + 4 * b,
+                     w->keep ? gate_row(w, st->t, 0) + (blk + b) * W : NULL);
+}
+
+static __attribute__((noinline)) void row_blocks_1(const dir_t *w, const step_t *st, int64_t blk)
+{
+    row_blocks(w, st, blk, 1);
+}
+static __attribute__((noinline)) void row_blocks_2(const dir_t *w, const step_t *st, int64_t blk)
+{
+    row_blocks(w, st, blk, 2);
 }
 
 /* The whole sequence for one direction, as member `rank` of a team of `size` threads. */
@@ -604,8 +758,19 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
         /* h_{t-1}: the previous step's output, or h0 for rows that start here */
         const rows_t h = rows_split(st.cont > 0 ? out_row(w, st.prev, 0) : NULL, DP, st.cont,
                                     (real *)w->h0, w->P);
-        const rows_t gates = rows(gate_row(w, st.t, 0), w->Gp);
-        for (int64_t blk = b0; blk < b1; blk++) {
+        const rows_t gates = rows(w->G != NULL ? gate_row(w, st.t, 0) : NULL, w->Gp);
+        for (int64_t blk = b0; blk < b1 && w->small && st.n > 0; blk += 2) {
+            if (blk + 1 < b1)
+                row_blocks_2(w, &st, blk);
+            else
+                row_blocks_1(w, &st, blk);
+        }
+        for (int64_t blk = b0; blk < b1 && !w->small; blk++) {
+            if (w->row) {
+                if (st.n > 0)
+                    row_block(w, &st, blk);
+                continue;
+            }
             const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
             panel_rows(st.n, w->P, &h, &p, &g, w->bias + blk * W, &g);
@@ -744,16 +909,18 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
         dir_t *w = &dirs[d];
         w->off = off;
         w->xp = xp;
-        w->wx = TAKE(&arena, w->Gp * w->I);
+        w->wx = w->row ? NULL : TAKE(&arena, w->Gp * w->I);
         w->bias = TAKE(&arena, w->Gp);
-        w->wr = TAKE(&arena, w->Hb * w->P * W);
+        w->wr = w->row ? NULL : TAKE(&arena, w->Hb * w->P * W);
         w->wp = w->proj ? TAKE(&arena, w->Pb * w->Hp * W) : NULL;
+        w->pre = w->row && !w->fuse ? TAKE(&arena, R * 4 * w->H) : NULL;
+        w->wt = w->small ? TAKE(&arena, (w->I + w->P) * w->Gp) : NULL;
         if (w->keep) {
             w->G = saved;
             w->m = w->proj ? saved + R * w->Gp : NULL;
             saved += R * (w->Gp + (w->proj ? w->Hp : 0));
         } else {
-            w->G = TAKE(&arena, R * w->Gp);
+            w->G = w->row ? NULL : TAKE(&arena, R * w->Gp);
             w->m = w->proj ? TAKE(&arena, a->B * w->Hp) : NULL;
         }
         w->ring = a->cells == NULL ? TAKE(&arena, 2 * a->B * a->H) : NULL;
@@ -785,9 +952,15 @@ int SUF(lk_forward)(const lk_layer *a)
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     for (int64_t d = 0; d < a->D; d++) {
         dir_t *w = &dirs[d];
+        w->xp = xp;
         pack_forward(w, w->wx, w->bias, w->wr, w->wp);
+        if (w->small)
+            pack_small(w, w->wt);
         /* the input projection of every step, one GEMM: G = x W_ih^T (bias added per tile) */
-        gemm(0, 1, R, w->Gp, a->I, 1, xp, a->I, w->wx, a->I, 0, w->G, w->Gp);
+        if (!w->row)
+            gemm(0, 1, R, w->Gp, a->I, 1, xp, a->I, w->wx, a->I, 0, w->G, w->Gp);
+        else if (!w->fuse)
+            gemm(0, 1, R, 4 * a->H, a->I, 1, xp, a->I, w->w_ih, a->I, 0, w->pre, 4 * a->H);
     }
     run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
@@ -885,6 +1058,43 @@ static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const 
     vstore(db + 3 * V, db_o);
 }
 
+/* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over columns [c, c + cols) (at most
+ * 4V; zero past P), by torch's rows of W_hh, alternate rows into two sets of sums. */
+LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c, int64_t cols,
+                            const int full)
+{
+    vec acc[2][4];
+    int64_t n[4];
+    for (int j = 0; j < 4; j++) {
+        acc[0][j] = acc[1][j] = splat(0);
+        n[j] = full ? V : clamp_lanes(cols - j * V);
+    }
+    for (int64_t blk = 0; blk < f->Hb; blk++) {
+        const int64_t lanes = clamp_lanes(f->H - blk * V);
+        for (int q = 0; q < 4; q++) {
+            const real *grad = dA + blk * W + q * V;
+            const real *row = f->w_hh + (q * f->H + blk * V) * f->P + c;
+            for (int64_t v = 0; v < lanes; v++, row += f->P) {
+                const vec s = splat(grad[v]);
+                for (int j = 0; j < 4; j++)
+                    acc[v & 1][j] += s * (full ? vload(row + j * V) : vload_n(row + j * V, n[j]));
+            }
+        }
+    }
+    for (int j = 0; j < 4; j++)
+        vstore(dh + c + j * V, acc[0][j] + acc[1][j]);
+}
+
+static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t c0, int64_t c1)
+{
+    for (int64_t c = c0; c < c1; c += W) {
+        if (c + W <= f->P)
+            row_dh_chunk(f, dA, dh, c, W, 1);
+        else
+            row_dh_chunk(f, dA, dh, c, f->P - c, 0);
+    }
+}
+
 static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *bar, int *sense)
 {
     const dir_t *f = &w->f;
@@ -929,7 +1139,9 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         }
         lk_barrier_wait(bar, sense); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
-        for (int64_t pb = p0; pb < p1; pb++) {
+        if (f->row && st.n > 0)
+            row_dh(f, dA.base, w->dH, c0, c1);
+        for (int64_t pb = p0; pb < p1 && !f->row; pb++) {
             const panel_t p = packed_panel(w->ub, pb, f->Gp, W);
             const rows_t dH_panel = rows(dH.base + pb * W, f->Pp);
             panel_rows(st.n, f->Gp, &dA, &p, &none, NULL, &dH_panel);
@@ -957,6 +1169,124 @@ static void gather_h_prev(const dir_t *f, real *hp)
     }
 }
 
+/* ---- batch 1: backward's products after the loop, where the steps are the one long side ----
+ * BLAS calls of thin shapes (up to 2V columns, a thousand steps deep) ran several times slower
+ * than the FMA count allows, so those take register tiles of their own (thin()); wider ones,
+ * where these tiles lose to the BLAS, stay with gemm(). */
+
+static int thin(const dir_t *w, int64_t columns)
+{
+    return w->row && (columns <= 2 * V || BLAS_GEMM == NULL);
+}
+
+/* C (K, Gp) = Z^T D for rows kr of C and 2 vectors of its columns, over all R rows of Z
+ * (rows ldz apart) and D (rows Gp apart) in registers. */
+LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, const real *D,
+                       int64_t Gp, real *C)
+{
+    vec acc[6][2];
+    for (int r = 0; r < kr; r++)
+        acc[r][0] = acc[r][1] = splat(0);
+    for (int64_t t = 0; t < R; t++, z += ldz, D += Gp) {
+        const vec d0 = vload(D), d1 = vload(D + V);
+        for (int r = 0; r < kr; r++) {
+            const vec s = splat(z[r]);
+            acc[r][0] += s * d0;
+            acc[r][1] += s * d1;
+        }
+    }
+    for (int r = 0; r < kr; r++) {
+        vstore(C + r * Gp, acc[r][0]);
+        vstore(C + r * Gp + V, acc[r][1]);
+    }
+}
+
+#define TN_TILE(kr)                                                                               \
+    static __attribute__((noinline)) void tn_tile_##kr(int64_t R, const real *z, int64_t ldz,    \
+                                                       const real *D, int64_t Gp, real *C)       \
+    {                                                                                             \
+        tn_tile(kr, R, z, ldz, D, Gp, C);                                                         \
+    }
+TN_TILE(1)
+TN_TILE(2)
+TN_TILE(3)
+TN_TILE(4)
+TN_TILE(5)
+TN_TILE(6)
+#undef TN_TILE
+typedef void (*tn_fn)(int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C);
+static const tn_fn tn_tiles[7] = {NULL, tn_tile_1, tn_tile_2, tn_tile_3,
+                                  tn_tile_4, tn_tile_5, tn_tile_6};
+
+/* dst (4H, K) in torch's layout = (Z^T D)^T: Z (R, K), D (R, Gp) the gate gradients. */
+static void row_weight_grad(const dir_t *w, int64_t R, const real *z, int64_t K, const real *D,
+                            real *tmp, real *dst)
+{
+    for (int64_t c = 0; c < w->Gp; c += 2 * V)
+        for (int64_t k = 0; k < K; k += 6)
+            tn_tiles[min64(6, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * w->Gp + c);
+    for (int64_t col = 0; col < w->Gp; col++) {
+        const int64_t r = torch_row(w, col);
+        for (int64_t k = 0; k < K && r >= 0; k++)
+            dst[r * K + k] = tmp[k * w->Gp + col];
+    }
+}
+
+/* C (R, N) = beta C + A (R, K) B (K, N), rows mr of C and nv vectors of its columns from n0
+ * (the last one `lanes` wide); beta is 0 (C not read) or 1. */
+LK_INLINE void nn_tile(const int mr, const int nv, int64_t K, const real *A, const real *B,
+                       int64_t N, int64_t n0, int64_t lanes, real beta, real *C)
+{
+    vec acc[6][2];
+    int64_t n[2];
+    for (int j = 0; j < nv; j++)
+        n[j] = j == nv - 1 ? lanes : V;
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nv; j++)
+            acc[r][j] = beta == 0 ? splat(0) : vload_n(C + r * N + n0 + j * V, n[j]);
+    for (int64_t k = 0; k < K; k++) {
+        vec b[2];
+        for (int j = 0; j < nv; j++)
+            b[j] = vload_n(B + k * N + n0 + j * V, n[j]);
+        for (int r = 0; r < mr; r++) {
+            const vec s = splat(A[r * K + k]);
+            for (int j = 0; j < nv; j++)
+                acc[r][j] += s * b[j];
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nv; j++)
+            vstore_n(C + r * N + n0 + j * V, acc[r][j], n[j]);
+}
+
+#define NN_TILE(mr, nv)                                                                           \
+    static __attribute__((noinline)) void nn_tile_##mr##x##nv(                                    \
+        int64_t K, const real *A, const real *B, int64_t N, int64_t n0, int64_t lanes, real beta, \
+        real *C)                                                                                  \
+    {                                                                                             \
+        nn_tile(mr, nv, K, A, B, N, n0, lanes, beta, C);                                          \
+    }
+NN_TILE(6, 2)
+NN_TILE(6, 1)
+NN_TILE(1, 2)
+NN_TILE(1, 1)
+#undef NN_TILE
+
+/* dx (R, I) = beta dx + dA (R, Gp) wx (Gp, I). */
+static void row_input_grad(const dir_t *w, int64_t R, const real *dA, real beta, real *dx)
+{
+    const int64_t K = w->Gp, N = w->I;
+    for (int64_t n0 = 0; n0 < N; n0 += 2 * V) {
+        const int two = N - n0 > V;
+        const int64_t lanes = clamp_lanes(N - n0 - (two ? V : 0));
+        int64_t r = 0;
+        for (; r + 6 <= R; r += 6)
+            (two ? nn_tile_6x2 : nn_tile_6x1)(K, dA + r * K, w->wx, N, n0, lanes, beta, dx + r * N);
+        for (; r < R; r++)
+            (two ? nn_tile_1x2 : nn_tile_1x1)(K, dA + r * K, w->wx, N, n0, lanes, beta, dx + r * N);
+    }
+}
+
 /* Weight, bias and initial-state gradients of one direction after the loop, and its part of
  * the packed input gradient dxp (beta: 0 for the first direction, 1 to add the second). */
 static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, real *dxp,
@@ -970,18 +1300,26 @@ static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, rea
         unpermute(f, w->db, dw[LK_B_IH], 1);
     if (dw[LK_B_HH] != NULL)
         unpermute(f, w->db, dw[LK_B_HH], 1);
-    if (dw[LK_W_IH] != NULL) {
+    if (dw[LK_W_IH] != NULL && thin(f, f->I)) {
+        row_weight_grad(f, R, f->xp, f->I, w->dA, tmp, dw[LK_W_IH]);
+    } else if (dw[LK_W_IH] != NULL) {
         gemm(1, 0, f->Gp, f->I, R, 1, w->dA, f->Gp, f->xp, f->I, 0, tmp, f->I);
         unpermute(f, tmp, dw[LK_W_IH], f->I);
     }
     if (dw[LK_W_HH] != NULL) {
         gather_h_prev(f, hp);
-        gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
-        unpermute(f, tmp, dw[LK_W_HH], f->P);
+        if (thin(f, f->P)) {
+            row_weight_grad(f, R, hp, f->P, w->dA, tmp, dw[LK_W_HH]);
+        } else {
+            gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
+            unpermute(f, tmp, dw[LK_W_HH], f->P);
+        }
     }
     if (dw[LK_W_HR] != NULL)
         gemm(1, 0, f->P, f->H, R, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
-    if (dxp != NULL)
+    if (dxp != NULL && thin(f, f->I))
+        row_input_grad(f, R, w->dA, beta, dxp);
+    else if (dxp != NULL)
         gemm(0, 0, R, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, beta, dxp, f->I);
     for (int64_t b = 0; b < f->B; b++) {
         if (g->d_h0 != NULL)
@@ -1018,7 +1356,7 @@ static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, cha
         f->G = saved;
         f->m = f->proj ? saved + R * f->Gp : NULL;
         saved += R * (f->Gp + (f->proj ? f->Hp : 0));
-        w->ub = TAKE(&arena, f->Pb * f->Gp * W);
+        w->ub = f->row ? NULL : TAKE(&arena, f->Pb * f->Gp * W);
         w->wrb = f->proj ? TAKE(&arena, f->Hb * f->P * V) : NULL;
         f->wx = TAKE(&arena, f->Gp * f->I);
         w->dH = TAKE(&arena, a->B * f->Pp);
@@ -1058,7 +1396,8 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
     for (int64_t d = 0; d < a->D; d++) {
         bdir_t *w = &dirs[d];
         w->f.xp = xp;
-        pack_backward(&w->f, w->ub, w->wrb);
+        if (!w->f.row)
+            pack_backward(&w->f, w->ub, w->wrb);
         for (int64_t col = 0; col < w->f.Gp; col++) { /* permuted W_ih rows for dx = dA W_ih */
             int64_t r = torch_row(&w->f, col);
             if (r >= 0)
