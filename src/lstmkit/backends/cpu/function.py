@@ -26,10 +26,12 @@ def run(
     lengths: Tensor | None,
     cell_sequence: bool,
     training: bool,
+    variant: bytes | None = None,
 ) -> tuple[bytes, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The forward kernel on contiguous tensors; ``params`` is the flat LayerWeights of each
-    direction. Returns the packed layer (for backward), out, h_n, c_n, the cells (with
-    ``cell_sequence`` or ``training``, else None) and what backward needs (training, else None).
+    direction, ``variant`` the packed step variants (then variant.c runs, else kernel.c).
+    Returns the packed layer (for backward), out, h_n, c_n, the cells (with ``cell_sequence``
+    or ``training``, else None) and what backward needs (training, else None).
     """
     steps, batch, features = x.shape
     directions = len(params) // 5
@@ -60,12 +62,16 @@ def run(
         0,
     ]
     layer = LAYER.pack(*fields)
+    forward, saved_elems, extra = kernels.forward, kernels.saved_elems, ()
+    if variant is not None:
+        forward, saved_elems = kernels.variant_forward, kernels.variant_saved_elems
+        extra = (variant,)
     saved = None
     if training:
-        saved = new(kernels.saved_elems(layer))
+        saved = new(saved_elems(layer, *extra))
         fields[-1] = saved.data_ptr()
         layer = LAYER.pack(*fields)
-    if kernels.forward(layer) != 0:
+    if forward(layer, *extra) != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
     return layer, out, h_n, c_n, cells, saved
 
@@ -103,12 +109,7 @@ class LayerFunction(torch.autograd.Function):
         x, h0, c0, _, _, *params = ctx.saved_tensors  # checks nothing was modified in place
         with torch.no_grad():
             result = _backward(ctx, x, h0, c0, params, grads)
-        anchor = next((t for t in (x, h0, c0, *params) if t is not None and t.requires_grad), None)
-        if torch.is_grad_enabled() and anchor is not None:  # create_graph=True
-            computed = _FirstDerivativesOnly.apply(anchor, *(r for r in result if r is not None))
-            rest = iter(computed)
-            result = tuple(None if r is None else next(rest) for r in result)
-        return None, None, None, *result
+        return None, None, None, *first_derivatives_only((x, h0, c0, *params), result)
 
 
 DOUBLE_BACKWARD = (
@@ -116,6 +117,19 @@ DOUBLE_BACKWARD = (
     "differentiated again (double backward through create_graph=True). Run with "
     "LSTMKIT_BACKEND=reference for higher derivatives."
 )
+
+
+def first_derivatives_only(
+    inputs: tuple[Param, ...], result: tuple[Tensor | None, ...]
+) -> tuple[Tensor | None, ...]:
+    """``result`` (the gradients of ``inputs``), made to raise DOUBLE_BACKWARD if a backward
+    run with create_graph=True is differentiated again."""
+    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
+    if not torch.is_grad_enabled() or anchor is None:
+        return result
+    computed = _FirstDerivativesOnly.apply(anchor, *(r for r in result if r is not None))
+    rest = iter(computed)
+    return tuple(None if r is None else next(rest) for r in result)
 
 
 class _FirstDerivativesOnly(torch.autograd.Function):
