@@ -377,34 +377,77 @@ static double layer_flops(const lk_layer *a)
     return per_row * a->T * a->B * a->D;
 }
 
-/* Runs fn on each direction: side by side on two threads for a bidirectional layer with two or
- * more threads (the BLAS gets half of them in each), else one after the other here. */
-typedef void (*direction_fn)(void *dir);
+/* A thread's place in the team that runs a direction: work inside a step is split by rows of
+ * the batch (the row passes) or by columns (the GEMMs, one BLAS call per thread on its part). */
+typedef struct {
+    int rank, size;
+    lk_barrier *bar;
+    int *sense;
+} team_t;
 
-static void run_directions(direction_fn fn, void *dirs, size_t dir_bytes, int64_t D, int threads)
+static void team_wait(const team_t *tm) { lk_barrier_wait(tm->bar, tm->sense); }
+
+/* This thread's [begin, end) of n rows. */
+static void my_rows(const team_t *tm, int64_t n, int64_t *begin, int64_t *end)
+{
+    lk_split(n, tm->rank, tm->size, begin, end);
+}
+
+/* This thread's [begin, end) of n columns, in whole vectors of 16 floats or doubles. */
+static void my_columns(const team_t *tm, int64_t n, int64_t *begin, int64_t *end)
+{
+    int64_t b0, b1;
+    lk_split((n + 15) / 16, tm->rank, tm->size, &b0, &b1);
+    *begin = min64(b0 * 16, n);
+    *end = min64(b1 * 16, n);
+}
+
+/* Runs fn(dirs[d], team) for every direction: two teams side by side for a bidirectional layer
+ * on two or more threads, else one team that runs the directions one after the other (see
+ * lk_make_teams). The BLAS runs on one thread in each member, which calls it on its part. */
+typedef void (*direction_fn)(void *dir, const team_t *tm);
+
+static void run_teams(direction_fn fn, void *dirs, size_t dir_bytes, int64_t D, int threads)
 {
     char *first = dirs;
-    if (D == 2 && threads >= 2) {
-#pragma omp parallel num_threads(2)
-        {
-            int id = 0, got = 1;
-#ifdef _OPENMP
-            id = omp_get_thread_num();
-            got = omp_get_num_threads();
-#endif
-            const int old = lk_blas_threads ? lk_blas_threads(threads / 2) : 0;
-            if (got == 2)
-                fn(first + id * dir_bytes);
-            else /* fewer threads than asked for (nested region, thread limit) */
-                for (int64_t d = 0; d < D; d++)
-                    fn(first + d * dir_bytes);
-            if (lk_blas_threads)
-                lk_blas_threads(old);
-        }
+    lk_barrier bars[2];
+    if (threads <= 1) {
+        int sense = 0;
+        lk_barrier_init(&bars[0], 1);
+        const team_t alone = {0, 1, &bars[0], &sense};
+        for (int64_t d = 0; d < D; d++)
+            fn(first + d * dir_bytes, &alone);
         return;
     }
-    for (int64_t d = 0; d < D; d++)
-        fn(first + d * dir_bytes);
+    const lk_teams teams = lk_make_teams(D, threads);
+    for (int k = 0; k < teams.teams; k++)
+        lk_barrier_init(&bars[k], teams.size);
+#pragma omp parallel num_threads(teams.teams * teams.size)
+    {
+        int sense = 0, id = 0, got = 1;
+#ifdef _OPENMP
+        id = omp_get_thread_num();
+        got = omp_get_num_threads();
+#endif
+        const int old = lk_blas_threads ? lk_blas_threads(1) : 0;
+        if (got != teams.teams * teams.size) {
+            /* Fewer threads than asked for (nested region, thread limit): thread 0 does all. */
+            if (id == 0) {
+                lk_barrier one;
+                lk_barrier_init(&one, 1);
+                const team_t alone = {0, 1, &one, &sense};
+                for (int64_t d = 0; d < D; d++)
+                    fn(first + d * dir_bytes, &alone);
+            }
+        } else {
+            const int team = id / teams.size;
+            const team_t tm = {id % teams.size, teams.size, &bars[team], &sense};
+            for (int64_t d = team; d < D; d += teams.teams)
+                fn(first + d * dir_bytes, &tm);
+        }
+        if (lk_blas_threads)
+            lk_blas_threads(old);
+    }
 }
 
 /* ---- forward ---- */
@@ -486,20 +529,28 @@ static void cell_forward(const vdir *w, const step_t *st, int64_t b)
     }
 }
 
-static void forward_direction(void *dir)
+static void forward_direction(void *dir, const team_t *tm)
 {
     const vdir *w = dir;
-    const int64_t G = w->G, P = w->P, H = w->H;
-    gemm(0, 1, w->R, G, w->I, 1, w->xp, w->I, w->w_ih, w->I, 0, w->X.base, G);
-    if (w->ln_ih)
-        for (int64_t r = 0; r < w->R; r++) {
+    const int64_t G = w->G, P = w->P, H = w->H, DP = w->D * w->P;
+    int64_t g0, g1, p0, p1, r0, r1;
+    my_columns(tm, G, &g0, &g1);
+    my_columns(tm, P, &p0, &p1);
+    gemm(0, 1, w->R, g1 - g0, w->I, 1, w->xp, w->I, w->w_ih + g0 * w->I, w->I, 0, w->X.base + g0,
+         G);
+    if (w->ln_ih) {
+        team_wait(tm); /* X complete */
+        my_rows(tm, w->R, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++) {
             const real rstd = normalize(w->X.base + r * G, G);
             if (w->keep)
                 w->stats.base[r * STATS + STAT_RSTD_X] = rstd;
         }
+    }
     for (int64_t s = 0; s < w->T; s++) {
         const step_t st = make_step(w, s);
-        for (int64_t b = 0; b < st.n; b++) { /* hm = mask * h_{t-1} */
+        my_rows(tm, st.n, &r0, &r1);
+        for (int64_t b = r0; b < r1; b++) { /* hm = mask * h_{t-1} */
             const real *src = h_prev(w, &st, b);
             real *dst = row_of(&w->hm, &st, b);
             if (w->mask == NULL)
@@ -508,24 +559,30 @@ static void forward_direction(void *dir)
                 for (int64_t j = 0; j < P; j++)
                     dst[j] = src[j] * w->mask[b * P + j];
         }
-        gemm(0, 1, st.n, G, P, 1, row_of(&w->hm, &st, 0), P, w->w_hh, P, 0, row_of(&w->Y, &st, 0),
-             G);
-        for (int64_t b = 0; b < st.n; b++)
+        team_wait(tm); /* hm complete (and X, and the previous step) */
+        gemm(0, 1, st.n, g1 - g0, P, 1, row_of(&w->hm, &st, 0), P, w->w_hh + g0 * P, P, 0,
+             row_of(&w->Y, &st, 0) + g0, G);
+        team_wait(tm); /* Y complete */
+        for (int64_t b = r0; b < r1; b++)
             cell_forward(w, &st, b);
-        if (w->proj) {
-            gemm(0, 1, st.n, P, H, 1, row_of(&w->m, &st, 0), H, w->w_hr, H, 0,
-                 out_row(w, st.t, 0), w->D * P);
-            if (w->zh)
-                for (int64_t b = 0; b < st.n; b++)
-                    zoneout_row(out_row(w, st.t, b), h_prev(w, &st, b),
-                                w->zh_mask ? w->zh_mask + (st.t * w->B + b) * P : NULL,
-                                w->zh_keep, P);
-        }
-        for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */
+        int64_t pad0, pad1; /* padded steps: zero output and cells */
+        my_rows(tm, w->B - st.n, &pad0, &pad1);
+        for (int64_t b = st.n + pad0; b < st.n + pad1; b++) {
             memset(out_row(w, st.t, b), 0, (size_t)P * sizeof(real));
             if (w->cells != NULL)
                 memset(cell_row(w, st.t, b), 0, (size_t)H * sizeof(real));
         }
+        if (w->proj) {
+            team_wait(tm); /* m complete */
+            gemm(0, 1, st.n, p1 - p0, H, 1, row_of(&w->m, &st, 0), H, w->w_hr + p0 * H, H, 0,
+                 out_row(w, st.t, 0) + p0, DP);
+            if (w->zh)
+                for (int64_t b = 0; b < st.n; b++)
+                    zoneout_row(out_row(w, st.t, b) + p0, h_prev(w, &st, b) + p0,
+                                w->zh_mask ? w->zh_mask + (st.t * w->B + b) * P + p0 : NULL,
+                                w->zh_keep, p1 - p0);
+        }
+        team_wait(tm); /* h of this step complete */
     }
 }
 
@@ -566,7 +623,7 @@ int SUF(lk_variant_forward)(const lk_layer *a, const lk_variant *v)
     }
     const int threads = lk_threads(a, layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
-    run_directions(forward_direction, dirs, sizeof dirs[0], a->D, threads);
+    run_teams(forward_direction, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
         const vdir *w = &dirs[d];
         for (int64_t b = 0; b < a->B; b++) {
@@ -597,9 +654,25 @@ typedef struct {
     rowbuf dh;            /* gradient of h' before zoneout: (R, P) with proj (for dW_hr) */
     real *dm;             /* proj: (B, H) gradient of m = dh' W_hr */
     real *tmp;            /* (B, P) dY W_hh before the recurrent mask */
-    real *y, *dn;         /* (H) one row's tanh(LN(c')) and LN(c)'s normalised gradient */
-    real *db, *dg_ih, *dg_hh, *dg_c, *db_c, *dpeep; /* sums over rows: (G) (G) (G) (H) (H) (3H) */
+    real *db, *dg_ih, *dg_hh; /* (G) sums over rows: bias, LN gains of the products */
+    real *own;            /* (threads, OWN * H) each thread's part, see own_t */
 } vback;
+
+/* What each thread of a team writes for itself: scratch rows, and sums over its rows that are
+ * added up after the loop. OWN rows of H. */
+typedef struct {
+    real *y, *dn;               /* one row's tanh(LN(c')) and LN(c)'s normalised gradient */
+    real *dg_c, *db_c, *dpeep;  /* sums: LN(c) gain and shift (H), peepholes (3H) */
+} own_t;
+#define OWN 7
+
+static own_t own_part(const vback *w, int rank)
+{
+    const int64_t H = w->f.H;
+    real *base = w->own + rank * OWN * H;
+    own_t o = {base, base + H, base + 2 * H, base + 3 * H, base + 4 * H};
+    return o;
+}
 
 LK_INLINE void accumulate(real *sum, int64_t j, vec v, int64_t lanes)
 {
@@ -608,7 +681,8 @@ LK_INLINE void accumulate(real *sum, int64_t j, vec v, int64_t lanes)
 
 /* Gate gradients of row b at step st from dm (the gradient of o * tanh(LN(c'))) and dC: pass 1
  * recomputes tanh(LN(c')) and sums LN(c)'s row terms, pass 2 writes dA and dC for c_{t-1}. */
-static void cell_backward(const vback *w, const step_t *st, int64_t b, const real *dm)
+static void cell_backward(const vback *w, const own_t *own, const step_t *st, int64_t b,
+                          const real *dm)
 {
     const vdir *f = &w->f;
     const int64_t H = f->H;
@@ -631,16 +705,16 @@ static void cell_backward(const vback *w, const step_t *st, int64_t b, const rea
             shown = nhat * vload_n(f->g_c + j, lanes) + vload_n(f->b_c + j, lanes);
         }
         const vec y = v_tanh(shown);
-        vstore_n(w->y + j, y, lanes);
+        vstore_n(own->y + j, y, lanes);
         if (f->ln_c) {
             const vec o = vload_n(gates + 3 * H + j, lanes);
             const vec dshown = vload_n(dm + j, lanes) * o * (1 - y * y);
             const vec dn = dshown * vload_n(f->g_c + j, lanes);
             s1 += dn;
             s2 += dn * nhat;
-            vstore_n(w->dn + j, dn, lanes);
-            accumulate(w->dg_c, j, dshown * nhat, lanes);
-            accumulate(w->db_c, j, dshown, lanes);
+            vstore_n(own->dn + j, dn, lanes);
+            accumulate(own->dg_c, j, dshown * nhat, lanes);
+            accumulate(own->db_c, j, dshown, lanes);
         }
     }
     const real mean1 = vsum(s1) / (real)H, mean2 = vsum(s2) / (real)H;
@@ -649,11 +723,11 @@ static void cell_backward(const vback *w, const step_t *st, int64_t b, const rea
         const vec i = vload_n(gates + j, lanes), fg = vload_n(gates + H + j, lanes);
         const vec g = vload_n(gates + 2 * H + j, lanes), o = vload_n(gates + 3 * H + j, lanes);
         const vec cpv = vload_n(cp + j, lanes), cn = fg * cpv + i * g;
-        const vec y = vload_n(w->y + j, lanes), dmv = vload_n(dm + j, lanes);
+        const vec y = vload_n(own->y + j, lanes), dmv = vload_n(dm + j, lanes);
         const vec d_o = dmv * y * o * (1 - o);
         vec dcn;
         if (f->ln_c)
-            dcn = rstd * (vload_n(w->dn + j, lanes) - mean1 - (cn - mean) * rstd * mean2);
+            dcn = rstd * (vload_n(own->dn + j, lanes) - mean1 - (cn - mean) * rstd * mean2);
         else
             dcn = dmv * o * (1 - y * y);
         vec dct = vload_n(dc + j, lanes), carry = {};
@@ -673,9 +747,9 @@ static void cell_backward(const vback *w, const step_t *st, int64_t b, const rea
         vec dcp = dcn * fg + carry;
         if (f->peep) {
             dcp += d_i * vload_n(f->w_peep + j, lanes) + d_f * vload_n(f->w_peep + H + j, lanes);
-            accumulate(w->dpeep, j, d_i * cpv, lanes);
-            accumulate(w->dpeep + H, j, d_f * cpv, lanes);
-            accumulate(w->dpeep + 2 * H, j, d_o * cn, lanes);
+            accumulate(own->dpeep, j, d_i * cpv, lanes);
+            accumulate(own->dpeep + H, j, d_f * cpv, lanes);
+            accumulate(own->dpeep + 2 * H, j, d_o * cn, lanes);
         }
         vstore_n(dc + j, dcp, lanes);
         vstore_n(dA + j, d_i, lanes);
@@ -688,12 +762,12 @@ static void cell_backward(const vback *w, const step_t *st, int64_t b, const rea
                             row_of(&w->dY, st, b));
 }
 
-/* dh' = (1 - keep) (dH + d_out) for the active rows, and dH keeps zoneout's carry. */
-static void output_grads(const vback *w, const step_t *st)
+/* dh' = (1 - keep) (dH + d_out) for rows [r0, r1), and dH keeps zoneout's carry. */
+static void output_grads(const vback *w, const step_t *st, int64_t r0, int64_t r1)
 {
     const vdir *f = &w->f;
     const real *d_out = w->g->d_out;
-    for (int64_t b = 0; b < st->n; b++) {
+    for (int64_t b = r0; b < r1; b++) {
         real *dH = w->dH + b * f->P, *dh = row_of(&w->dh, st, b);
         const real *grad = d_out ? d_out + (st->t * f->B + b) * f->D * f->P + f->d * f->P : NULL;
         for (int64_t j = 0; j < f->P; j += V) {
@@ -712,18 +786,21 @@ static void output_grads(const vback *w, const step_t *st)
     }
 }
 
-/* Sums over every packed row: the bias gradient, and the LN gains' of both products. */
-static void column_sums(const vback *w)
+/* Sums over every packed row for columns [c0, c1): the bias gradient, and the LN gains' of
+ * both products. */
+static void column_sums(const vback *w, int64_t c0, int64_t c1)
 {
     const vdir *f = &w->f;
-    const int64_t G = f->G;
-    memset(w->db, 0, (size_t)G * sizeof(real));
-    memset(w->dg_ih, 0, (size_t)G * sizeof(real));
-    memset(w->dg_hh, 0, (size_t)G * sizeof(real));
+    const int64_t G = f->G, n = c1 - c0;
+    if (n <= 0)
+        return;
+    memset(w->db + c0, 0, (size_t)n * sizeof(real));
+    memset(w->dg_ih + c0, 0, (size_t)n * sizeof(real));
+    memset(w->dg_hh + c0, 0, (size_t)n * sizeof(real));
     for (int64_t r = 0; r < f->R; r++) {
         const real *dA = w->dA.base + r * G;
-        for (int64_t j = 0; j < G; j += V) {
-            const int64_t lanes = min64(V, G - j);
+        for (int64_t j = c0; j < c1; j += V) {
+            const int64_t lanes = min64(V, c1 - j);
             const vec d = vload_n(dA + j, lanes);
             accumulate(w->db, j, d, lanes);
             if (f->ln_ih)
@@ -740,43 +817,64 @@ static void copy_out(void *dst, const real *src, int64_t n)
         memcpy(dst, src, (size_t)n * sizeof(real));
 }
 
-static void backward_direction(void *dir)
+static void backward_direction(void *dir, const team_t *tm)
 {
     const vback *w = dir;
     const vdir *f = &w->f;
-    const lk_grads *g = w->g;
-    const int64_t B = f->B, P = f->P, H = f->H, G = f->G;
-    const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * B * P : NULL;
-    const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * B * H : NULL;
-    for (int64_t k = 0; k < B * P; k++)
-        w->dH[k] = d_h_n ? d_h_n[k] : 0;
-    for (int64_t k = 0; k < B * H; k++)
-        w->dC[k] = d_c_n ? d_c_n[k] : 0;
-    memset(w->dg_c, 0, (size_t)H * sizeof(real));
-    memset(w->db_c, 0, (size_t)H * sizeof(real));
-    memset(w->dpeep, 0, (size_t)(3 * H) * sizeof(real));
+    const int64_t P = f->P, H = f->H, G = f->G;
+    const own_t own = own_part(w, tm->rank);
+    int64_t h0, h1, p0, p1, g0, g1, r0, r1;
+    my_columns(tm, H, &h0, &h1);
+    my_columns(tm, P, &p0, &p1);
+    my_columns(tm, G, &g0, &g1);
     for (int64_t s = f->T - 1; s >= 0; s--) {
         const step_t st = make_step(f, s);
-        output_grads(w, &st);
-        if (f->proj)
-            gemm(0, 0, st.n, H, P, 1, row_of(&w->dh, &st, 0), P, f->w_hr, H, 0, w->dm, H);
-        for (int64_t b = 0; b < st.n; b++)
-            cell_backward(w, &st, b, f->proj ? w->dm + b * H : row_of(&w->dh, &st, b));
+        my_rows(tm, st.n, &r0, &r1);
+        output_grads(w, &st, r0, r1);
+        if (f->proj) {
+            team_wait(tm); /* dh' complete */
+            gemm(0, 0, st.n, h1 - h0, P, 1, row_of(&w->dh, &st, 0), P, f->w_hr + h0, H, 0,
+                 w->dm + h0, H);
+            team_wait(tm); /* dm complete */
+        }
+        for (int64_t b = r0; b < r1; b++)
+            cell_backward(w, &own, &st, b, f->proj ? w->dm + b * H : row_of(&w->dh, &st, b));
+        team_wait(tm); /* dY complete */
         /* dh_{t-1} = mask * (dY W_hh) + zoneout's carry (already in dH) */
         const real *dY = row_of(&w->dY, &st, 0);
         if (f->mask == NULL) {
-            gemm(0, 0, st.n, P, G, 1, dY, G, f->w_hh, P, f->zh ? 1 : 0, w->dH, P);
+            gemm(0, 0, st.n, p1 - p0, G, 1, dY, G, f->w_hh + p0, P, f->zh ? 1 : 0, w->dH + p0, P);
         } else {
-            gemm(0, 0, st.n, P, G, 1, dY, G, f->w_hh, P, 0, w->tmp, P);
-            for (int64_t k = 0; k < st.n * P; k++)
-                w->dH[k] = (f->zh ? w->dH[k] : 0) + f->mask[k] * w->tmp[k];
+            gemm(0, 0, st.n, p1 - p0, G, 1, dY, G, f->w_hh + p0, P, 0, w->tmp + p0, P);
+            for (int64_t b = 0; b < st.n; b++)
+                for (int64_t k = b * P + p0; k < b * P + p1; k++)
+                    w->dH[k] = (f->zh ? w->dH[k] : 0) + f->mask[k] * w->tmp[k];
         }
+        team_wait(tm); /* dh_{t-1} complete */
     }
-    column_sums(w);
-    if (f->ln_ih)
-        for (int64_t r = 0; r < f->R; r++)
+    column_sums(w, g0, g1);
+    if (f->ln_ih) {
+        team_wait(tm); /* the sums have read dA, which may become dX in place */
+        my_rows(tm, f->R, &r0, &r1);
+        for (int64_t r = r0; r < r1; r++)
             layer_norm_backward(w->dA.base + r * G, f->g_ih, f->X.base + r * G,
                                 f->stats.base[r * STATS + STAT_RSTD_X], G, w->dX + r * G);
+    }
+}
+
+/* After the loop: the threads' sums added up (`threads` parts, zero where no thread ran), and
+ * the gradients of biases, variant parameters and initial states written out. */
+static void direction_grads(const vback *w, int threads)
+{
+    const vdir *f = &w->f;
+    const lk_grads *g = w->g;
+    const int64_t B = f->B, P = f->P, H = f->H, G = f->G;
+    const own_t total = own_part(w, 0);
+    for (int rank = 1; rank < threads; rank++) {
+        const own_t part = own_part(w, rank);
+        for (int64_t k = 0; k < 5 * H; k++)
+            total.dg_c[k] += part.dg_c[k];
+    }
     void *const *dw = g->d_w[f->d];
     copy_out(dw[LK_B_IH], w->db, G);
     copy_out(dw[LK_B_HH], w->db, G);
@@ -784,14 +882,29 @@ static void backward_direction(void *dir)
     copy_out(w->d_param[LK_LN_B_IH], w->db, G);
     copy_out(w->d_param[LK_LN_W_HH], w->dg_hh, G);
     copy_out(w->d_param[LK_LN_B_HH], w->db, G);
-    copy_out(w->d_param[LK_LN_W_C], w->dg_c, H);
-    copy_out(w->d_param[LK_LN_B_C], w->db_c, H);
-    copy_out(w->d_param[LK_PEEP], w->dpeep, 3 * H);
+    copy_out(w->d_param[LK_LN_W_C], total.dg_c, H);
+    copy_out(w->d_param[LK_LN_B_C], total.db_c, H);
+    copy_out(w->d_param[LK_PEEP], total.dpeep, 3 * H);
     copy_out(g->d_h0 ? (real *)g->d_h0 + f->d * B * P : NULL, w->dH, B * P);
     copy_out(g->d_c0 ? (real *)g->d_c0 + f->d * B * H : NULL, w->dC, B * H);
 }
 
-static size_t backward_workspace(vback *dirs, const lk_layer *a, char *base, real **dxp)
+/* The final states' gradients enter first; every thread's sums start at zero. */
+static void initial_grads(const vback *w, int threads)
+{
+    const vdir *f = &w->f;
+    const int64_t BP = f->B * f->P, BH = f->B * f->H;
+    const real *d_h_n = w->g->d_h_n ? (const real *)w->g->d_h_n + f->d * BP : NULL;
+    const real *d_c_n = w->g->d_c_n ? (const real *)w->g->d_c_n + f->d * BH : NULL;
+    for (int64_t k = 0; k < BP; k++)
+        w->dH[k] = d_h_n ? d_h_n[k] : 0;
+    for (int64_t k = 0; k < BH; k++)
+        w->dC[k] = d_c_n ? d_c_n[k] : 0;
+    memset(w->own, 0, (size_t)(threads * OWN * f->H) * sizeof(real));
+}
+
+static size_t backward_workspace(vback *dirs, const lk_layer *a, int threads, char *base,
+                                 real **dxp)
 {
     arena_t arena = {base, 0};
     int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
@@ -815,14 +928,10 @@ static size_t backward_workspace(vback *dirs, const lk_layer *a, char *base, rea
         w->dh = f->proj ? buffer(TAKE(&arena, R * P), P, 1) : buffer(TAKE(&arena, B * P), P, 0);
         w->dm = f->proj ? TAKE(&arena, B * H) : NULL;
         w->tmp = f->mask ? TAKE(&arena, B * P) : NULL;
-        w->y = TAKE(&arena, H);
-        w->dn = TAKE(&arena, H);
         w->db = TAKE(&arena, G);
         w->dg_ih = TAKE(&arena, G);
         w->dg_hh = TAKE(&arena, G);
-        w->dg_c = TAKE(&arena, H);
-        w->db_c = TAKE(&arena, H);
-        w->dpeep = TAKE(&arena, 3 * H);
+        w->own = TAKE(&arena, threads * OWN * H);
     }
     return arena.used;
 }
@@ -842,17 +951,21 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         dirs[d].g = g;
         dirs[d].d_param = dv->d_param[d];
     }
+    const int threads = lk_threads(a, 2 * layer_flops(a));
     real *dxp;
-    char *work = lk_workspace(backward_workspace(dirs, a, NULL, &dxp));
+    char *work = lk_workspace(backward_workspace(dirs, a, threads, NULL, &dxp));
     if (work == NULL)
         return -1;
-    backward_workspace(dirs, a, work, &dxp);
+    backward_workspace(dirs, a, threads, work, &dxp);
     const int64_t *off = dirs[0].f.off;
     fill_offsets(a, (int64_t *)off);
     const real *xp = pack_input(a, off, (real *)dirs[0].f.xp);
-    const int threads = lk_threads(a, 2 * layer_flops(a));
+    for (int64_t d = 0; d < a->D; d++)
+        initial_grads(&dirs[d], threads);
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
-    run_directions(backward_direction, dirs, sizeof dirs[0], a->D, threads);
+    run_teams(backward_direction, dirs, sizeof dirs[0], a->D, threads);
+    for (int64_t d = 0; d < a->D; d++)
+        direction_grads(&dirs[d], threads);
     real *dx = g->d_x == NULL ? NULL : a->lengths != NULL ? dxp : g->d_x;
     for (int64_t d = 0; d < a->D; d++) { /* the large products, with every thread */
         const vback *w = &dirs[d];
