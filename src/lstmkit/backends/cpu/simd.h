@@ -55,7 +55,10 @@ LK_INLINE void vstore_n(real *p, vec v, int64_t n)
 }
 
 /* mask ? a : b lane by lane, for masks from a vector comparison (lanes all ones or zeros). */
-LK_INLINE vec vselect(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
+LK_INLINE vec vselect(ivec mask, vec a, vec b)
+{
+    return (vec)(((ivec)a & mask) | ((ivec)b & ~mask));
+}
 
 LK_INLINE real vsum(vec v)
 {

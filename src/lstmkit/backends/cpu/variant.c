@@ -8,13 +8,18 @@
  *
  * One code path; each variant is a flag tested per row or per vector (ln_ih, ln_hh, ln_c, peep,
  * zc, zh, a recurrent mask). Layer norm needs statistics over a whole row of gates (4H) or of c
- * (H), so the work is split by rows of the batch, never by units, and each direction runs on
- * one thread: a bidirectional layer on two threads runs its directions side by side (BLAS on one
- * thread each), otherwise the directions run one after the other and the BLAS gets the threads.
+ * (H), so the row passes are split by rows of the batch, never by units.
+ *
+ * Threads: one OpenMP region per call; a team per direction as in kernel.c (a bidirectional
+ * layer on two threads runs its directions side by side, one thread each; otherwise one team of
+ * every thread runs the directions in turn). Within a team the GEMMs are split by columns (each
+ * member calls the BLAS, on one thread, for its columns: a step's work is too small for the
+ * BLAS's own threads, which cost a wake-up per call and much more when another process holds a
+ * core) and the row passes by rows, with a spin barrier between (three or four per step).
  *
  * Forward, per direction: the input projection X = x W_ih^T of every step is one GEMM before the
  * loop, normalised row by row in place when LN(W_ih x) is on. Per step: h_{t-1} (times the
- * recurrent mask) is gathered into hm, Y = hm W_hh^T is one BLAS GEMM on the active rows, and one
+ * recurrent mask) is gathered into hm, Y = hm W_hh^T is a BLAS GEMM on the active rows, and one
  * fused pass per row normalises Y, adds the gains, shifts and biases, the peepholes on c_{t-1},
  * and computes the gates and c' (pass A); after the statistics of c' (LN(c)), pass B computes
  * o * tanh(LN(c')) and zoneout of c. With proj_size, h' = m W_hr^T is a GEMM into the output
@@ -33,7 +38,8 @@
  * gate gradients dA (the first collects LN(c)'s row sums), LN(W_hh h)'s backward gives dY, and
  * dh_{t-1} = mask * (dY W_hh) + zoneout's carry is one GEMM. The LN gains and shifts of the
  * products, the biases, dx and the weight gradients come after the loop: column sums, LN(W_ih x)'s
- * backward row by row, and large GEMMs (dW_ih = dX^T x, dW_hh = dY^T hm, dW_hr = dh'^T m).
+ * backward row by row, and large GEMMs after the teams, on the calling thread with the BLAS's
+ * threads (dW_ih = dX^T x, dW_hh = dY^T hm, dW_hr = dh'^T m, dx = dX W_ih).
  */
 #include "lstm.h"
 #include "simd.h"
