@@ -71,8 +71,9 @@ LK_INLINE real vsum(vec v)
 /* ---- e^x: x = n ln2 + r, |r| <= ln2 / 2, e^r by Taylor terms to below half an ulp ----
  * n is rounded by adding 1.5 * 2^mantissa_bits (the sum's low bits then hold n as an integer,
  * which becomes 2^n by a shift into the exponent field); ln2 is split in a part exact in a few
- * bits and a remainder, so r = x - n ln2 keeps full precision. Inputs are clamped to where
- * 2^n is a normal number: e^x is then 0 or large, and sigmoid and tanh are saturated. */
+ * bits and a remainder, so r = x - n ln2 keeps full precision. Past +-EXP_CLAMP (where 2^n
+ * would leave the normal numbers) the result is 0 or infinity, so sigmoid and tanh saturate
+ * to exactly 0 and 1 there. */
 #if LK_DOUBLE
 #define EXP_CLAMP 708.0
 #define ROUNDER 6755399441055744.0 /* 1.5 * 2^52 */
@@ -93,8 +94,9 @@ LK_INLINE real vsum(vec v)
 
 LK_INLINE vec v_exp(vec x)
 {
-    x = vselect(x < -EXP_CLAMP, splat(-EXP_CLAMP), x);
-    x = vselect(x > EXP_CLAMP, splat(EXP_CLAMP), x);
+    const ivec below = x < -EXP_CLAMP, above = x > EXP_CLAMP;
+    x = vselect(below, splat(-EXP_CLAMP), x);
+    x = vselect(above, splat(EXP_CLAMP), x);
     const vec rounded = x * (real)1.44269504088896340736 + ROUNDER;
     const vec n = rounded - ROUNDER;
     const vec r = (x - n * LN2_HEAD) - n * LN2_TAIL;
@@ -104,7 +106,8 @@ LK_INLINE vec v_exp(vec x)
     for (int k = EXP_DEGREE; k >= 1; k--)
         p = 1 + r * p * (real)(1.0 / k);
     const ivec two_n = ((ivec)rounded - (ivec)splat(ROUNDER) + EXPONENT_BIAS) << MANTISSA_BITS;
-    return p * (vec)two_n;
+    const vec result = vselect(below, splat(0), p * (vec)two_n);
+    return vselect(above, splat((real)INFINITY), result);
 }
 
 LK_INLINE vec v_sigmoid(vec x) { return 1 / (1 + v_exp(-x)); }

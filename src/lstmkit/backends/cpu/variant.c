@@ -998,3 +998,17 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
     free(work);
     return 0;
 }
+
+/* ---- simd.h's approximations on their own, for tests ---- */
+
+void SUF(lk_variant_tanh)(const real *x, real *y, int64_t n)
+{
+    for (int64_t k = 0; k < n; k += V)
+        vstore_n(y + k, v_tanh(vload_n(x + k, min64(V, n - k))), min64(V, n - k));
+}
+
+void SUF(lk_variant_sigmoid)(const real *x, real *y, int64_t n)
+{
+    for (int64_t k = 0; k < n; k += V)
+        vstore_n(y + k, v_sigmoid(vload_n(x + k, min64(V, n - k))), min64(V, n - k));
+}
