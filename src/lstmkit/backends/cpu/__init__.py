@@ -6,6 +6,10 @@ and cached (:mod:`.build`), called through ctypes (:mod:`.library`), differentia
 autograd Function whose backward is the C backward pass (:mod:`.function`). float32 and
 float64; everything the reference covers: proj_size, bias=False, both directions, lengths,
 cell_sequence, training and inference.
+
+The step variants (layer norm, peepholes, zoneout, recurrent dropout, in any combination) run
+in their own kernels, ``variant.c`` (design in its header; ``simd.h`` holds its vector math),
+with the same coverage, through :mod:`.variants`; a call without them takes ``kernel.c``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from torch import Tensor
 
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, library
+from lstmkit.backends.cpu import variants as variants_module
 from lstmkit.backends.cpu.function import LayerFunction, run
 from lstmkit.backends.cpu.stack import StackFunction, run_stack
 from lstmkit.reference import LayerWeights, Variant
@@ -24,6 +29,7 @@ DTYPES = (torch.float32, torch.float64)
 
 class CpuBackend(Backend):
     name = "cpu"
+    variants = frozenset({"layer_norm", "peepholes", "zoneout", "recurrent_dropout"})
     fused_stack = True
 
     @property
@@ -65,12 +71,15 @@ class CpuBackend(Backend):
         cell_sequence: bool = False,
         variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
-        # No step variants here (``variants`` is empty), so choose() never passes any.
         kernels = library.load().kernels[x.dtype]
         params = [None if w is None else w.contiguous() for layer in weights for w in layer]
         x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
         if lengths is not None:
             lengths = lengths.to(torch.int64).contiguous()
+        if variants is not None:
+            return variants_module.run_layer(
+                kernels, x, h0, c0, params, lengths, cell_sequence, variants
+            )
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, h0, c0, *params)
         ):

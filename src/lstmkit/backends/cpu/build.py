@@ -26,12 +26,14 @@ import time
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-HEADERS = ("lstm.h",)
-# (source, extra flags, object name): kernel.c is compiled once per element type.
+HEADERS = ("lstm.h", "simd.h")
+# (source, extra flags, object name): kernel.c and variant.c are compiled once per element type.
 UNITS = (
     ("lstm.c", (), "lstm.o"),
     ("kernel.c", ("-DLK_DOUBLE=0",), "kernel_f32.o"),
     ("kernel.c", ("-DLK_DOUBLE=1",), "kernel_f64.o"),
+    ("variant.c", ("-DLK_DOUBLE=0",), "variant_f32.o"),
+    ("variant.c", ("-DLK_DOUBLE=1",), "variant_f64.o"),
 )
 FLAGS = (
     "-O3",

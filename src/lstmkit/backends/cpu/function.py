@@ -26,10 +26,12 @@ def run(
     lengths: Tensor | None,
     cell_sequence: bool,
     training: bool,
+    variant: bytes | None = None,
 ) -> tuple[bytes, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
     """The forward kernel on contiguous tensors; ``params`` is the flat LayerWeights of each
-    direction. Returns the packed layer (for backward), out, h_n, c_n, the cells (with
-    ``cell_sequence`` or ``training``, else None) and what backward needs (training, else None).
+    direction, ``variant`` the packed step variants (then variant.c runs, else kernel.c).
+    Returns the packed layer (for backward), out, h_n, c_n, the cells (with ``cell_sequence``
+    or ``training``, else None) and what backward needs (training, else None).
     """
     steps, batch, _ = x.shape
     directions = len(params) // 5
@@ -43,10 +45,13 @@ def run(
     layer = LAYER.pack(*fields)
     saved = None
     if training:
-        saved = new(kernels.saved_elems(layer))
+        if variant is None:
+            saved = new(kernels.saved_elems(layer))
+        else:
+            saved = new(kernels.variant_saved_elems(layer, variant))
         fields[-1] = saved.data_ptr()
         layer = LAYER.pack(*fields)
-    forward_layer(kernels, layer)
+    forward_layer(kernels, layer, variant)
     return layer, out, h_n, c_n, cells, saved
 
 
@@ -91,8 +96,10 @@ def layer_fields(
     ]
 
 
-def forward_layer(kernels: Kernels, layer: bytes) -> None:
-    if kernels.forward(layer) != 0:
+def forward_layer(kernels: Kernels, layer: bytes, variant: bytes | None = None) -> None:
+    """The forward kernel on a packed layer: kernel.c's, or variant.c's with ``variant``."""
+    status = kernels.forward(layer) if variant is None else kernels.variant_forward(layer, variant)
+    if status != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
 
 

@@ -29,8 +29,15 @@ _ptr = ctypes.c_void_p
 # w_hh b_ih b_hh w_hr; zeros for a second direction that does not exist), out h_n c_n cells
 # saved.
 # lk_grads: d_out d_h_n d_c_n d_cells d_x d_h0 d_c0, then the weights' gradients likewise.
+# lk_variant, per direction (zeros for an absent second one): the addresses of the variant
+# parameters (as lstmkit.reference.Variant: ln_weight_ih ln_bias_ih ln_weight_hh ln_bias_hh
+# ln_weight_c ln_bias_c weight_peephole), recurrent_mask zoneout_cell zoneout_hidden (masks),
+# then the two zoneout keep probabilities as doubles. lk_variant_grads: the variant parameters'
+# gradients, direction-major.
 LAYER = struct.Struct("=7q19Q")
 GRADS = struct.Struct("=17Q")
+VARIANT = struct.Struct("=10Q2d10Q2d")
+VARIANT_GRADS = struct.Struct("=14Q")
 
 
 @dataclass(frozen=True)
@@ -42,6 +49,11 @@ class Kernels:
     saved_elems: ctypes._CFuncPtr
     tanh: ctypes._CFuncPtr
     sigmoid: ctypes._CFuncPtr
+    variant_forward: ctypes._CFuncPtr
+    variant_backward: ctypes._CFuncPtr
+    variant_saved_elems: ctypes._CFuncPtr
+    variant_tanh: ctypes._CFuncPtr  # simd.h's, which the variant kernels use
+    variant_sigmoid: ctypes._CFuncPtr
 
 
 @dataclass(frozen=True)
@@ -102,15 +114,22 @@ def _load() -> Library:
         cdll = ctypes.CDLL(str(path))
     except OSError as error:
         raise build.BuildError(f"cannot load {path}: {error}") from error
-    sizes = (cdll.lk_layer_bytes(), cdll.lk_grads_bytes())
-    if sizes != (LAYER.size, GRADS.size):
+    sizes = (
+        cdll.lk_layer_bytes(),
+        cdll.lk_grads_bytes(),
+        2 * cdll.lk_variant_bytes(),  # one per direction
+        cdll.lk_variant_grads_bytes(),
+    )
+    packed = (LAYER.size, GRADS.size, VARIANT.size, VARIANT_GRADS.size)
+    if sizes != packed:
         raise build.BuildError(
-            f"{path} does not match this lstmkit: its lk_layer and lk_grads take {sizes} bytes,"
-            f" lstmkit packs {(LAYER.size, GRADS.size)}"
+            f"{path} does not match this lstmkit: its lk_layer, lk_grads, two lk_variant and "
+            f"lk_variant_grads take {sizes} bytes, lstmkit packs {packed}"
         )
     cdll.lk_set_blas.argtypes = [_ptr, _ptr, _ptr]
     cdll.lk_set_blas.restype = None
     layer, grads = ctypes.c_char_p, ctypes.c_char_p  # packed LAYER and GRADS
+    variant, variant_grads = ctypes.c_char_p, ctypes.c_char_p  # VARIANT and VARIANT_GRADS
     kernels = {
         dtype: Kernels(
             forward=_function(cdll, f"lk_forward_{suffix}", ctypes.c_int, [layer]),
@@ -118,6 +137,24 @@ def _load() -> Library:
             saved_elems=_function(cdll, f"lk_saved_elems_{suffix}", ctypes.c_int64, [layer]),
             tanh=_function(cdll, f"lk_tanh_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
             sigmoid=_function(cdll, f"lk_sigmoid_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
+            variant_forward=_function(
+                cdll, f"lk_variant_forward_{suffix}", ctypes.c_int, [layer, variant]
+            ),
+            variant_backward=_function(
+                cdll,
+                f"lk_variant_backward_{suffix}",
+                ctypes.c_int,
+                [layer, variant, grads, variant_grads],
+            ),
+            variant_saved_elems=_function(
+                cdll, f"lk_variant_saved_elems_{suffix}", ctypes.c_int64, [layer, variant]
+            ),
+            variant_tanh=_function(
+                cdll, f"lk_variant_tanh_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]
+            ),
+            variant_sigmoid=_function(
+                cdll, f"lk_variant_sigmoid_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]
+            ),
         )
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))
     }

@@ -17,3 +17,5 @@ void lk_set_blas(void *sgemm, void *dgemm, void *threads)
 /* Sizes of the structures Python packs, checked when the library is loaded. */
 int lk_layer_bytes(void) { return (int)sizeof(lk_layer); }
 int lk_grads_bytes(void) { return (int)sizeof(lk_grads); }
+int lk_variant_bytes(void) { return (int)sizeof(lk_variant); }
+int lk_variant_grads_bytes(void) { return (int)sizeof(lk_variant_grads); }

@@ -189,4 +189,34 @@ static inline lk_teams lk_make_teams(int64_t D, int threads)
     return t;
 }
 
+/* ---- the step variants (variant.c): lstmkit.reference.Variant for one direction ---- */
+
+/* Its parameters, in the order of lstmkit.reference.Variant; each NULL when off. */
+enum lk_variant_param {
+    LK_LN_W_IH, /* (G,) gain of LN(W_ih x) */
+    LK_LN_B_IH, /* (G,) shift of LN(W_ih x) */
+    LK_LN_W_HH, /* (G,) gain of LN(W_hh h) */
+    LK_LN_B_HH, /* (G,) */
+    LK_LN_W_C,  /* (H,) gain of LN(c) */
+    LK_LN_B_C,  /* (H,) */
+    LK_PEEP,    /* (3H,) w_ci, w_cf, w_co */
+    LK_VARIANT_PARAMS
+};
+
+/* One direction's variant (every field 8 bytes, mirrored by a struct.Struct in Python). The
+ * zoneout keep-masks, if given, replace the constant keep probability. */
+typedef struct {
+    const void *param[LK_VARIANT_PARAMS];
+    const void *recurrent_mask; /* (B, P) scaled dropout mask on h_{t-1}, or NULL */
+    const void *zoneout_cell;   /* (T, B, H) 0/1 keep-masks, or NULL */
+    const void *zoneout_hidden; /* (T, B, P) likewise, or NULL */
+    double zoneout_cell_keep;   /* without masks: the keep probability z_c (0: off) */
+    double zoneout_hidden_keep; /* z_h */
+} lk_variant;
+
+/* Gradients of the variant parameters per direction: NULL where not wanted. */
+typedef struct {
+    void *d_param[2][LK_VARIANT_PARAMS];
+} lk_variant_grads;
+
 #endif
