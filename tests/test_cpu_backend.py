@@ -188,10 +188,13 @@ def test_double_backward_raises_clearly() -> None:
 
 
 def test_approximations_are_accurate() -> None:
-    """tanh and sigmoid of the kernels within a few units in the last place, on a dense grid."""
+    """tanh and sigmoid of the kernels (both kernel.c and variant.c use real.h's) within a few
+    units in the last place on a dense grid, saturating far out, and NaN propagating."""
     kernels = library.load().kernels
     grid = torch.linspace(-12, 12, 2_000_003, dtype=torch.float64)
-    grid = torch.cat([grid, torch.logspace(-30, 1, 100_000, dtype=torch.float64)])
+    tiny = torch.logspace(-30, 1, 100_000, dtype=torch.float64)
+    far = torch.tensor([50.0, 800.0, 1e30])
+    grid = torch.cat([grid, tiny, -tiny, far, -far])
     for dtype, limit in ((torch.float32, 3.0), (torch.float64, 4.0)):
         x = grid.to(dtype)
         exact = {"tanh": torch.tanh(x.double()), "sigmoid": torch.sigmoid(x.double())}
@@ -204,6 +207,9 @@ def test_approximations_are_accurate() -> None:
             )
             error = ((y.double() - exact[name]).abs() / ulp.double()).max().item()
             assert error <= limit, f"{name} {dtype}: {error:.2f} ulp"
+            nan = torch.full((3,), float("nan"), dtype=dtype)
+            function(nan.data_ptr(), y.data_ptr(), 3)
+            assert torch.isnan(y[:3]).all(), f"{name} {dtype}: NaN does not propagate"
 
 
 def test_default_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,15 +1,14 @@
-"""The cpu backend: fused C kernels for one layer, forward and backward, on CPU tensors.
+"""The cpu backend: fused C kernels, forward and backward, on CPU tensors.
 
-A small C library (``lstm.h``, ``lstm.c``, ``kernel.c``: the design is in kernel.c's header)
-with a plain C ABI, compiled with the machine's compiler on first use or by ``lstmkit warmup``
-and cached (:mod:`.build`), called through ctypes (:mod:`.library`), differentiated by an
-autograd Function whose backward is the C backward pass (:mod:`.function`). float32 and
-float64; everything the reference covers: proj_size, bias=False, both directions, lengths,
-cell_sequence, training and inference.
-
-The step variants (layer norm, peepholes, zoneout, recurrent dropout, in any combination) run
-in their own kernels, ``variant.c`` (design in its header; ``simd.h`` holds its vector math),
-with the same coverage, through :mod:`.variants`; a call without them takes ``kernel.c``.
+A small C library with a plain C ABI, compiled with the machine's compiler on first use or by
+``lstmkit warmup`` and cached (:mod:`.build`), called through ctypes (:mod:`.library`):
+``lstm.h``/``lstm.c`` (the ABI), ``real.h`` (per element type: vectors, tanh and sigmoid, GEMM),
+``kernel.c`` (one plain layer; the design is in its header) and ``variant.c`` (one layer with
+step variants: layer norm, peepholes, zoneout, recurrent dropout, in any combination).
+Differentiated by autograd Functions whose backward is the C backward pass: one layer
+(:mod:`.function`), a whole plain stack (:mod:`.stack`), a layer with variants
+(:mod:`.variants`). float32 and float64; everything the reference covers: proj_size,
+bias=False, both directions, lengths, cell_sequence, training and inference.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 SOURCE_DIR = Path(__file__).resolve().parent
-HEADERS = ("lstm.h", "simd.h")
+HEADERS = ("lstm.h", "real.h")
 # (source, extra flags, object name): kernel.c and variant.c are compiled once per element type.
 UNITS = (
     ("lstm.c", (), "lstm.o"),

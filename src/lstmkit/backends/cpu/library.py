@@ -52,8 +52,6 @@ class Kernels:
     variant_forward: ctypes._CFuncPtr
     variant_backward: ctypes._CFuncPtr
     variant_saved_elems: ctypes._CFuncPtr
-    variant_tanh: ctypes._CFuncPtr  # simd.h's, which the variant kernels use
-    variant_sigmoid: ctypes._CFuncPtr
 
 
 @dataclass(frozen=True)
@@ -148,12 +146,6 @@ def _load() -> Library:
             ),
             variant_saved_elems=_function(
                 cdll, f"lk_variant_saved_elems_{suffix}", ctypes.c_int64, [layer, variant]
-            ),
-            variant_tanh=_function(
-                cdll, f"lk_variant_tanh_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]
-            ),
-            variant_sigmoid=_function(
-                cdll, f"lk_variant_sigmoid_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]
             ),
         )
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))

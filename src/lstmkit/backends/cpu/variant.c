@@ -42,53 +42,11 @@
  * threads (dW_ih = dX^T x, dW_hh = dY^T hm, dW_hr = dh'^T m, dx = dX W_ih).
  */
 #include "lstm.h"
-#include "simd.h"
-
-#if LK_DOUBLE
-#define SUF(name) name##_f64
-#define BLAS_GEMM lk_dgemm
-#else
-#define SUF(name) name##_f32
-#define BLAS_GEMM lk_sgemm
-#endif
+#include "real.h"
 
 #define LN_EPS 1e-5
 /* Per-row statistics kept for backward, (R, STATS). */
 enum { STAT_RSTD_X, STAT_RSTD_Y, STAT_MEAN_C, STAT_RSTD_C, STATS };
-
-static int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
-
-/* ---- GEMM on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C ---- */
-
-static void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, real alpha,
-                 const real *A, int64_t lda, const real *B, int64_t ldb, real beta, real *C,
-                 int64_t ldc)
-{
-    if (m == 0 || n == 0)
-        return;
-    if (BLAS_GEMM != NULL && k > 0) {
-        /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. */
-        const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-        const int mm = (int)n, nn = (int)m, kk = (int)k;
-        const int la = (int)ldb, lb = (int)lda, lc = (int)ldc;
-        BLAS_GEMM(&tb, &ta, &mm, &nn, &kk, &alpha, B, &la, A, &lb, &beta, C, &lc);
-        return;
-    }
-    for (int64_t i = 0; i < m; i++) { /* no BLAS: the plain triple loop, row by row */
-        real *c = C + i * ldc;
-        for (int64_t j = 0; j < n; j++)
-            c[j] = beta == 0 ? 0 : beta * c[j];
-        for (int64_t p = 0; p < k; p++) {
-            const real a_ip = alpha * (trans_a ? A[p * lda + i] : A[i * lda + p]);
-            if (trans_b)
-                for (int64_t j = 0; j < n; j++)
-                    c[j] += a_ip * B[j * ldb + p];
-            else
-                for (int64_t j = 0; j < n; j++)
-                    c[j] += a_ip * B[p * ldb + j];
-        }
-    }
-}
 
 /* ---- rows: statistics and layer norm's backward over one row ---- */
 
@@ -114,7 +72,7 @@ static void row_stats(const real *x, int64_t n, real *mean_out, real *rstd_out)
         const int64_t lanes = min64(V, n - j);
         vec centred = vload_n(x + j, lanes) - mean;
         if (lanes < V)
-            centred = vselect(first_lanes(lanes), centred, splat(0));
+            centred = vsel(first_lanes(lanes), centred, splat(0));
         squares += centred * centred;
     }
     *mean_out = mean;
@@ -997,18 +955,4 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         lk_blas_threads(blas_threads);
     free(work);
     return 0;
-}
-
-/* ---- simd.h's approximations on their own, for tests ---- */
-
-void SUF(lk_variant_tanh)(const real *x, real *y, int64_t n)
-{
-    for (int64_t k = 0; k < n; k += V)
-        vstore_n(y + k, v_tanh(vload_n(x + k, min64(V, n - k))), min64(V, n - k));
-}
-
-void SUF(lk_variant_sigmoid)(const real *x, real *y, int64_t n)
-{
-    for (int64_t k = 0; k < n; k += V)
-        vstore_n(y + k, v_sigmoid(vload_n(x + k, min64(V, n - k))), min64(V, n - k));
 }
