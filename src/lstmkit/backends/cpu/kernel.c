@@ -295,6 +295,7 @@ typedef struct {
     int proj, keep;     /* proj_size > 0; training (keep the gates) */
     int row, fuse;      /* batch 1 (see row_block); its input projection inside the step */
     int small;          /* batch 1 with [W_ih W_hh]^T packed in wt (see row_blocks) */
+    int pair;           /* row, not small, on two threads: each step's cells kept (lk_items) */
     const int64_t *off; /* (T + 1) packed row of (t, 0): the active rows of the steps before */
     const real *x, *h0, *c0;
     const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
@@ -303,6 +304,7 @@ typedef struct {
     real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
     real *pre;                /* row without fuse: (R, G) x W_ih^T in torch's gate order */
     real *wt;                 /* small: (I + P, Gp) [W_ih W_hh]^T, permuted columns */
+    real *scratch;            /* row: each rank's output of BLAS calls (see lk_items) */
     const real *w_ih, *w_hh;  /* torch's weights, as given */
     /* forward weights, packed */
     real *wx;   /* (Gp, I) permuted rows of W_ih */
@@ -765,12 +767,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
             else
                 row_blocks_1(w, &st, blk);
         }
-        for (int64_t blk = b0; blk < b1 && !w->small; blk++) {
-            if (w->row) {
-                if (st.n > 0)
-                    row_block(w, &st, blk);
-                continue;
-            }
+        for (int64_t blk = b0; blk < b1 && !w->row; blk++) {
             const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
             panel_rows(st.n, w->P, &h, &p, &g, w->bias + blk * W, &g);
@@ -795,6 +792,144 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
         }
         lk_barrier_wait(bar, sense); /* h of this step complete */
     }
+}
+
+/* ---- batch 1 as items: work that either of two threads may do, in halves ----
+ * A batch-1 layer with weights too big for L1 (row, not small) runs as a sequence of items
+ * (the input projection, each step; in backward each step, then the weight gradients), each in
+ * two halves of the unit blocks, [0, Hb/2) and [Hb/2, Hb): whatever the number of threads, the
+ * same halves are computed by the same code, so the results are the same bits. On two threads
+ * (lk_pair_run) rank r computes half r of an item, then waits for the other half about as long
+ * as its own took; if the partner is late (descheduled, or not started yet) it computes that
+ * half too, and while the partner stays away it waits only a quarter of that (so one thread
+ * runs at one-thread speed; the partner, back, catches up by skipping finished items and
+ * rejoins). Two threads may thus compute the same half: an item writes only memory of its own
+ * (the outputs, cells and gate rows of its step; per-step buffers in backward), each element
+ * always the same bits from inputs complete before it started, so a second computation rewrites
+ * what is there with the same values, and no buffer is reused for another step while a lagging
+ * thread may still write it (inference keeps every step's cells, not two). A BLAS call is no
+ * such item (it may keep partial sums in its output), so it writes into scratch of the rank
+ * (`scratch`, one per thread), which is then copied into place. lk_pair_run returns only when
+ * the helper is out of the job. */
+
+#define LK_SLACK_TICKS 2000 /* about a microsecond: the partner's head start */
+
+typedef void (*item_fn)(const void *job, int64_t item, int half, int rank);
+
+/* Items 0..n-1, item i needing both halves of every item before it; done[h]: items whose half h
+ * is finished. `lag`: the items are steps (for lk_pair_lag). */
+static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], int rank, int size,
+                     int lag)
+{
+    if (size == 1) {
+        for (int64_t i = 0; i < n; i++) {
+            if (lag)
+                lk_pair_lag(rank, i);
+            fn(job, i, 0, rank);
+            fn(job, i, 1, rank);
+        }
+        return;
+    }
+    const int own = rank, other = 1 - rank;
+    int partner = 1; /* the partner kept up at the last item */
+    for (int64_t i = 0; i < n; i++) {
+        if (lag)
+            lk_pair_lag(rank, i);
+        const uint64_t start = lk_ticks();
+        if (lk_count_get(&done[own]) <= i) {
+            fn(job, i, own, rank);
+            lk_count_raise(&done[own], i + 1);
+        }
+        const uint64_t took = lk_ticks() - start;
+        if (lk_count_wait(&done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
+            partner = 1;
+            continue;
+        }
+        fn(job, i, other, rank);
+        lk_count_raise(&done[other], i + 1);
+        partner = 0;
+    }
+}
+
+/* Unit blocks of half `half`. */
+static void half_blocks(const dir_t *w, int half, int64_t *b0, int64_t *b1)
+{
+    lk_split(w->Hb, half, 2, b0, b1);
+}
+
+/* The BLAS on one thread for the calling thread (the pair's threads split the work); returns
+ * the setting to restore. */
+static int blas_alone(void) { return lk_blas_threads ? lk_blas_threads(1) : 0; }
+static void blas_restore(int old)
+{
+    if (lk_blas_threads)
+        lk_blas_threads(old);
+}
+
+typedef struct {
+    const dir_t *w;
+    lk_count projection[2], steps[2];
+} row_forward_t;
+
+/* Units of the bigger half: half_units(w) * 4 * rows is a rank's scratch for rows. */
+static int64_t half_units(const dir_t *w) { return (w->Hb + 1) / 2 * V; }
+
+/* Without fuse: x W_ih^T of every step for the units of the half, into pre (R, 4H), through the
+ * rank's scratch (R, 4 units of the half). */
+static void row_projection_item(const void *job, int64_t item, int half, int rank)
+{
+    const dir_t *w = ((const row_forward_t *)job)->w;
+    int64_t b0, b1;
+    (void)item;
+    half_blocks(w, half, &b0, &b1);
+    const int64_t u0 = b0 * V, n = min64(b1 * V, w->H) - u0, R = w->off[w->T];
+    real *tmp = w->scratch + rank * R * 4 * half_units(w);
+    for (int q = 0; q < 4 && n > 0; q++)
+        gemm(0, 1, R, n, w->I, 1, w->xp, w->I, w->w_ih + (q * w->H + u0) * w->I, w->I, 0,
+             tmp + q * n, 4 * n);
+    for (int64_t r = 0; r < R && n > 0; r++)
+        for (int q = 0; q < 4; q++)
+            memcpy(w->pre + r * 4 * w->H + q * w->H + u0, tmp + (r * 4 + q) * n,
+                   (size_t)n * sizeof(real));
+}
+
+static void row_step_item(const void *job, int64_t s, int half, int rank)
+{
+    (void)rank;
+    const dir_t *w = ((const row_forward_t *)job)->w;
+    const step_t st = make_step(w, s);
+    int64_t b0, b1;
+    half_blocks(w, half, &b0, &b1);
+    if (st.n == 0) { /* a padded step: zero output and cells */
+        const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H);
+        zero_columns(cell_row(w, st.t, 0), u0, u1);
+        zero_columns(out_row(w, st.t, 0), u0, u1);
+        return;
+    }
+    for (int64_t blk = b0; blk < b1; blk++)
+        row_block(w, &st, blk);
+}
+
+static void row_forward_job(void *arg, int rank, int size)
+{
+    row_forward_t *job = arg;
+    const int blas = blas_alone();
+    if (!job->w->fuse)
+        lk_items(job, row_projection_item, 1, job->projection, rank, size, 0);
+    lk_items(job, row_step_item, job->w->T, job->steps, rank, size, 1);
+    blas_restore(blas);
+}
+
+/* A batch-1 direction on the calling thread, or on the pair when w->pair. */
+static void row_forward(const dir_t *w)
+{
+    row_forward_t job;
+    memset(&job, 0, sizeof job);
+    job.w = w;
+    if (w->pair)
+        lk_pair_run(row_forward_job, &job);
+    else
+        row_forward_job(&job, 0, 1);
 }
 
 /* Runs fn(dirs[d], rank, size) for every direction: teams side by side when there are threads
@@ -840,7 +975,22 @@ static void run_teams(direction_fn fn, const void *dirs, size_t dir_bytes, int64
 
 static void forward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
 {
-    forward_direction(dir, rank, size, bar, sense);
+    const dir_t *w = dir;
+    if (!w->row || w->small)
+        forward_direction(w, rank, size, bar, sense);
+    else if (rank == 0) /* the rest of the team has nothing to do */
+        row_forward(w);
+}
+
+/* The most threads this call may use: torch.get_num_threads() (see lk_threads). */
+static int max_threads(const lk_layer *a)
+{
+#ifdef _OPENMP
+    return a->threads >= 1 ? (int)a->threads : omp_get_max_threads();
+#else
+    (void)a;
+    return 1;
+#endif
 }
 
 static double layer_flops(const lk_layer *a)
@@ -914,6 +1064,7 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
         w->wr = w->row ? NULL : TAKE(&arena, w->Hb * w->P * W);
         w->wp = w->proj ? TAKE(&arena, w->Pb * w->Hp * W) : NULL;
         w->pre = w->row && !w->fuse ? TAKE(&arena, R * 4 * w->H) : NULL;
+        w->scratch = w->row && !w->fuse ? TAKE(&arena, 2 * R * 4 * half_units(w)) : NULL;
         w->wt = w->small ? TAKE(&arena, (w->I + w->P) * w->Gp) : NULL;
         if (w->keep) {
             w->G = saved;
@@ -923,7 +1074,9 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
             w->G = w->row ? NULL : TAKE(&arena, R * w->Gp);
             w->m = w->proj ? TAKE(&arena, a->B * w->Hp) : NULL;
         }
-        w->ring = a->cells == NULL ? TAKE(&arena, 2 * a->B * a->H) : NULL;
+        w->ring = a->cells == NULL && !w->pair ? TAKE(&arena, 2 * a->B * a->H) : NULL;
+        if (a->cells == NULL && w->pair)
+            w->cells = TAKE(&arena, a->T * a->B * a->H);
     }
     return arena.used;
 }
@@ -935,6 +1088,7 @@ int SUF(lk_forward)(const lk_layer *a)
     for (int64_t d = 0; d < a->D; d++) {
         geometry(&dirs[d], a, d);
         dirs[d].keep = a->saved != NULL;
+        dirs[d].pair = a->D == 1 && dirs[d].row && !dirs[d].small && max_threads(a) >= 2;
     }
     const int64_t R = packed_rows(a);
     char *work = lk_workspace(forward_workspace(dirs, a, R, NULL));
@@ -959,10 +1113,11 @@ int SUF(lk_forward)(const lk_layer *a)
         /* the input projection of every step, one GEMM: G = x W_ih^T (bias added per tile) */
         if (!w->row)
             gemm(0, 1, R, w->Gp, a->I, 1, xp, a->I, w->wx, a->I, 0, w->G, w->Gp);
-        else if (!w->fuse)
-            gemm(0, 1, R, 4 * a->H, a->I, 1, xp, a->I, w->w_ih, a->I, 0, w->pre, 4 * a->H);
     }
-    run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
+    if (dirs[0].pair)
+        row_forward(&dirs[0]);
+    else
+        run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
         const dir_t *w = &dirs[d];
         for (int64_t b = 0; b < a->B; b++) {
