@@ -1147,6 +1147,11 @@ typedef struct {
     real *db;       /* (Gp) bias gradient, permuted */
     real *dA;       /* (R, Gp) gate gradients (the kept gates stay intact) */
     real *dm;       /* proj: (B, Hp) gradient of m = o * tanh(c) at the current step */
+    /* row (batch 1, see lk_items): per-step buffers instead of dH and dC */
+    real *part;    /* (T, 2, Pp) each half's sum dA_s W_hh over its units: dh of the step before */
+    real *dcs;     /* (T, Hp) the gradient of c of the step before */
+    real *hp;      /* (R, P) h_{t-1} of every packed row */
+    real *scratch; /* each rank's output of BLAS calls */
 } bdir_t;
 
 static real *grad_row(const bdir_t *w, int64_t t, int64_t b)
@@ -1174,38 +1179,46 @@ static void add_output_grad(const bdir_t *w, int64_t t, int64_t c0, int64_t c1)
     }
 }
 
-/* Gate gradients of unit block blk for the active rows, given dh (rows ld apart). */
-static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const real *dh,
-                          int64_t ld)
+/* Gate gradients of unit block blk of row b at step st, given the gradients of its h (d_h) and
+ * of its c from the step after (dc; lanes past H zero): dA into grads, the gradient of c_{t-1}
+ * into dc_out, the four gate gradients into d (for the bias). */
+LK_INLINE void block_backward(const bdir_t *w, const step_t *st, int64_t b, int64_t blk, vec d_h,
+                              vec dc, real *grads, real *dc_out, vec d[4])
 {
     const dir_t *f = &w->f;
     const real *d_cells = w->g->d_cells;
     const int64_t lanes = clamp_lanes(f->H - blk * V);
+    const real *gates = gate_row(f, st->t, b) + blk * W;
+    vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
+    vec o = vload(gates + 3 * V);
+    vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
+    vec tc = v_tanh(c);
+    dc = dc + d_h * o * (1 - tc * tc);
+    if (d_cells != NULL)
+        dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V, lanes);
+    d[0] = dc * g * i * (1 - i);
+    d[1] = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
+    d[2] = dc * i * (1 - g * g);
+    d[3] = d_h * tc * o * (1 - o);
+    vstore(dc_out, dc * fg);
+    for (int q = 0; q < 4; q++)
+        vstore(grads + q * V, d[q]);
+}
+
+/* Gate gradients of unit block blk for the active rows, given dh (rows ld apart); dC is the
+ * gradient of c from the step after, then of the step before. */
+static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const real *dh,
+                          int64_t ld)
+{
+    const dir_t *f = &w->f;
     real *db = w->db + blk * W;
     vec db_i = vload(db), db_f = vload(db + V), db_g = vload(db + 2 * V), db_o = vload(db + 3 * V);
     for (int64_t b = 0; b < st->n; b++) {
-        const real *gates = gate_row(f, st->t, b) + blk * W;
-        real *grads = grad_row(w, st->t, b) + blk * W;
-        vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
-        vec o = vload(gates + 3 * V);
-        vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
-        vec tc = v_tanh(c);
-        vec d_h = vload(dh + b * ld);
         real *dc_row = w->dC + b * f->Hp + blk * V;
-        vec dc = vload(dc_row) + d_h * o * (1 - tc * tc);
-        if (d_cells != NULL)
-            dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V,
-                          lanes);
-        vec d_i = dc * g * i * (1 - i);
-        vec d_f = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
-        vec d_g = dc * i * (1 - g * g);
-        vec d_o = d_h * tc * o * (1 - o);
-        vstore(dc_row, dc * fg);
-        vstore(grads, d_i);
-        vstore(grads + V, d_f);
-        vstore(grads + 2 * V, d_g);
-        vstore(grads + 3 * V, d_o);
-        db_i += d_i, db_f += d_f, db_g += d_g, db_o += d_o;
+        vec d[4];
+        block_backward(w, st, b, blk, vload(dh + b * ld), vload(dc_row),
+                       grad_row(w, st->t, b) + blk * W, dc_row, d);
+        db_i += d[0], db_f += d[1], db_g += d[2], db_o += d[3];
     }
     vstore(db, db_i);
     vstore(db + V, db_f);
@@ -1213,10 +1226,11 @@ static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const 
     vstore(db + 3 * V, db_o);
 }
 
-/* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over columns [c, c + cols) (at most
- * 4V; zero past P), by torch's rows of W_hh, alternate rows into two sets of sums. */
+/* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over the gate columns of unit blocks
+ * [b0, b1) and columns [c, c + cols) of dh (at most 4V; zero past P), by torch's rows of W_hh,
+ * alternate rows into two sets of sums. */
 LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c, int64_t cols,
-                            const int full)
+                            const int full, int64_t b0, int64_t b1)
 {
     vec acc[2][4];
     int64_t n[4];
@@ -1224,7 +1238,7 @@ LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c,
         acc[0][j] = acc[1][j] = splat(0);
         n[j] = full ? V : clamp_lanes(cols - j * V);
     }
-    for (int64_t blk = 0; blk < f->Hb; blk++) {
+    for (int64_t blk = b0; blk < b1; blk++) {
         const int64_t lanes = clamp_lanes(f->H - blk * V);
         for (int q = 0; q < 4; q++) {
             const real *grad = dA + blk * W + q * V;
@@ -1240,13 +1254,14 @@ LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c,
         vstore(dh + c + j * V, acc[0][j] + acc[1][j]);
 }
 
-static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t c0, int64_t c1)
+/* dh (Pp) = the part of dA W_hh from the unit blocks [b0, b1). */
+static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t b0, int64_t b1)
 {
-    for (int64_t c = c0; c < c1; c += W) {
+    for (int64_t c = 0; c < f->P; c += W) {
         if (c + W <= f->P)
-            row_dh_chunk(f, dA, dh, c, W, 1);
+            row_dh_chunk(f, dA, dh, c, W, 1, b0, b1);
         else
-            row_dh_chunk(f, dA, dh, c, f->P - c, 0);
+            row_dh_chunk(f, dA, dh, c, f->P - c, 0, b0, b1);
     }
 }
 
@@ -1294,9 +1309,7 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         }
         lk_barrier_wait(bar, sense); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
-        if (f->row && st.n > 0)
-            row_dh(f, dA.base, w->dH, c0, c1);
-        for (int64_t pb = p0; pb < p1 && !f->row; pb++) {
+        for (int64_t pb = p0; pb < p1; pb++) {
             const panel_t p = packed_panel(w->ub, pb, f->Gp, W);
             const rows_t dH_panel = rows(dH.base + pb * W, f->Pp);
             panel_rows(st.n, f->Gp, &dA, &p, &none, NULL, &dH_panel);
@@ -1334,10 +1347,10 @@ static int thin(const dir_t *w, int64_t columns)
     return w->row && (columns <= 2 * V || BLAS_GEMM == NULL);
 }
 
-/* C (K, Gp) = Z^T D for rows kr of C and 2 vectors of its columns, over all R rows of Z
- * (rows ldz apart) and D (rows Gp apart) in registers. */
+/* C (K, ·) = Z^T D for rows kr of C (ldc apart) and 2 vectors of its columns, over all R rows
+ * of Z (rows ldz apart) and D (rows Gp apart) in registers. */
 LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, const real *D,
-                       int64_t Gp, real *C)
+                       int64_t Gp, real *C, int64_t ldc)
 {
     vec acc[6][2];
     for (int r = 0; r < kr; r++)
@@ -1351,16 +1364,16 @@ LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, cons
         }
     }
     for (int r = 0; r < kr; r++) {
-        vstore(C + r * Gp, acc[r][0]);
-        vstore(C + r * Gp + V, acc[r][1]);
+        vstore(C + r * ldc, acc[r][0]);
+        vstore(C + r * ldc + V, acc[r][1]);
     }
 }
 
 #define TN_TILE(kr)                                                                               \
-    static __attribute__((noinline)) void tn_tile_##kr(int64_t R, const real *z, int64_t ldz,    \
-                                                       const real *D, int64_t Gp, real *C)       \
+    static __attribute__((noinline)) void tn_tile_##kr(                                           \
+        int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C, int64_t ldc)   \
     {                                                                                             \
-        tn_tile(kr, R, z, ldz, D, Gp, C);                                                         \
+        tn_tile(kr, R, z, ldz, D, Gp, C, ldc);                                                    \
     }
 TN_TILE(1)
 TN_TILE(2)
@@ -1369,21 +1382,34 @@ TN_TILE(4)
 TN_TILE(5)
 TN_TILE(6)
 #undef TN_TILE
-typedef void (*tn_fn)(int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C);
+typedef void (*tn_fn)(int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C,
+                      int64_t ldc);
 static const tn_fn tn_tiles[7] = {NULL, tn_tile_1, tn_tile_2, tn_tile_3,
                                   tn_tile_4, tn_tile_5, tn_tile_6};
 
-/* dst (4H, K) in torch's layout = (Z^T D)^T: Z (R, K), D (R, Gp) the gate gradients. */
+/* The rows of dst (4H, K) in torch's layout = (Z^T D)^T for gate columns [c0, c1) (whole unit
+ * blocks): Z (R, K), D (R, Gp) the gate gradients; tmp holds K x (c1 - c0). With a BLAS and
+ * more than 2V columns (not thin) one GEMM, else register tiles. */
 static void row_weight_grad(const dir_t *w, int64_t R, const real *z, int64_t K, const real *D,
-                            real *tmp, real *dst)
+                            int64_t c0, int64_t c1, real *tmp, real *dst)
 {
-    for (int64_t c = 0; c < w->Gp; c += 2 * V)
+    const int64_t n = c1 - c0;
+    if (!thin(w, K)) {
+        gemm(1, 0, n, K, R, 1, D + c0, w->Gp, z, K, 0, tmp, K);
+        for (int64_t col = c0; col < c1; col++) {
+            const int64_t r = torch_row(w, col);
+            if (r >= 0)
+                memcpy(dst + r * K, tmp + (col - c0) * K, (size_t)K * sizeof(real));
+        }
+        return;
+    }
+    for (int64_t c = c0; c < c1; c += 2 * V)
         for (int64_t k = 0; k < K; k += 6)
-            tn_tiles[min64(6, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * w->Gp + c);
-    for (int64_t col = 0; col < w->Gp; col++) {
+            tn_tiles[min64(6, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * n + c - c0, n);
+    for (int64_t col = c0; col < c1; col++) {
         const int64_t r = torch_row(w, col);
         for (int64_t k = 0; k < K && r >= 0; k++)
-            dst[r * K + k] = tmp[k * w->Gp + col];
+            dst[r * K + k] = tmp[k * n + col - c0];
     }
 }
 
@@ -1442,6 +1468,171 @@ static void row_input_grad(const dir_t *w, int64_t R, const real *dA, real beta,
     }
 }
 
+/* dx (R, I) = beta dx + dA (R, Gp) wx (Gp, I): register tiles where thin, else one GEMM. */
+static void input_grad(const dir_t *w, int64_t R, const real *dA, real beta, real *dx)
+{
+    if (thin(w, w->I))
+        row_input_grad(w, R, dA, beta, dx);
+    else
+        gemm(0, 0, R, w->I, w->Gp, 1, dA, w->Gp, w->wx, w->I, beta, dx, w->I);
+}
+
+/* ---- batch 1: backward as items (see lk_items) ----
+ * Step s, half k: the gate gradients of the half's units, from dh = part[s+1][0] +
+ * part[s+1][1] (+ d_out), and dc[s+1]; then part[s][k] = that half's share of dA_s W_hh (its
+ * rows of W_hh: the ones forward read on this thread). So one exchange per step, and each dh
+ * is summed in the same order whatever the threads. Then the weight gradients of each half's
+ * gate columns (the bias summed over the steps in the order of the loop), then dx by halves of
+ * the rows. */
+
+typedef struct {
+    const bdir_t *w;
+    real *dxp; /* the packed input gradient, made in the job (one direction), or NULL */
+    lk_count steps[2], weights[2], inputs[2];
+} row_backward_t;
+
+static void row_backward_item(const void *job, int64_t item, int half, int rank)
+{
+    const bdir_t *w = ((const row_backward_t *)job)->w;
+    const dir_t *f = &w->f;
+    const lk_grads *g = w->g;
+    const int64_t s = f->T - 1 - item;
+    const step_t st = make_step(f, s);
+    (void)rank;
+    if (st.n == 0)
+        return;
+    /* the step after (in this direction's order) read this one's state, or this is the last */
+    const int next = s + 1 < f->T && make_step(f, s + 1).n > 0;
+    const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->P : NULL;
+    const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->H : NULL;
+    const real *d_out = g->d_out ? (const real *)g->d_out + (st.t * f->D + f->d) * f->P : NULL;
+    const real *part = w->part + (s + 1) * 2 * f->Pp, *dc_next = w->dcs + (s + 1) * f->Hp;
+    real *dA = grad_row(w, st.t, 0);
+    int64_t b0, b1;
+    half_blocks(f, half, &b0, &b1);
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const int64_t u = blk * V, lanes = clamp_lanes(f->H - u);
+        vec dh = next    ? vload_n(part + u, lanes) + vload_n(part + f->Pp + u, lanes)
+                 : d_h_n ? vload_n(d_h_n + u, lanes)
+                         : splat(0);
+        if (d_out != NULL)
+            dh += vload_n(d_out + u, lanes);
+        const vec dc = next    ? vload_n(dc_next + u, lanes)
+                       : d_c_n ? vload_n(d_c_n + u, lanes)
+                               : splat(0);
+        vec d[4];
+        block_backward(w, &st, 0, blk, dh, dc, dA + blk * W, w->dcs + s * f->Hp + u, d);
+    }
+    row_dh(f, dA, w->part + (s * 2 + half) * f->Pp, b0, b1);
+}
+
+/* Rows of a rank's scratch: (4 half units, max(I, P)) weight gradients or (R/2, I) of dx. */
+static int64_t row_scratch(const dir_t *f, int64_t R)
+{
+    const int64_t weights = 4 * half_units(f) * (f->I > f->P ? f->I : f->P);
+    const int64_t inputs = (R + 1) / 2 * f->I;
+    return weights > inputs ? weights : inputs;
+}
+
+static void row_weights_item(const void *job, int64_t item, int half, int rank)
+{
+    const bdir_t *w = ((const row_backward_t *)job)->w;
+    const dir_t *f = &w->f;
+    void *const *dw = w->g->d_w[f->d];
+    const int64_t R = f->off[f->T];
+    int64_t b0, b1;
+    (void)item;
+    half_blocks(f, half, &b0, &b1);
+    const int64_t c0 = b0 * W, c1 = b1 * W;
+    real *tmp = w->scratch + rank * row_scratch(f, R);
+    if (dw[LK_B_IH] != NULL || dw[LK_B_HH] != NULL) {
+        for (int64_t c = c0; c < c1; c += V) { /* in the loop's order: the last step first */
+            vec sum = splat(0);
+            for (int64_t s = f->T - 1; s >= 0; s--) {
+                const step_t st = make_step(f, s);
+                if (st.n > 0)
+                    sum += vload(grad_row(w, st.t, 0) + c);
+            }
+            vstore(tmp + c - c0, sum);
+        }
+        for (int64_t col = c0; col < c1; col++) {
+            const int64_t r = torch_row(f, col);
+            for (int k = LK_B_IH; k <= LK_B_HH && r >= 0; k++)
+                if (dw[k] != NULL)
+                    ((real *)dw[k])[r] = tmp[col - c0];
+        }
+    }
+    if (dw[LK_W_IH] != NULL)
+        row_weight_grad(f, R, f->xp, f->I, w->dA, c0, c1, tmp, dw[LK_W_IH]);
+    if (dw[LK_W_HH] != NULL)
+        row_weight_grad(f, R, w->hp, f->P, w->dA, c0, c1, tmp, dw[LK_W_HH]);
+}
+
+static void row_inputs_item(const void *job, int64_t item, int half, int rank)
+{
+    const row_backward_t *j = job;
+    const dir_t *f = &j->w->f;
+    const int64_t R = f->off[f->T];
+    int64_t r0, r1;
+    (void)item;
+    lk_split(R, half, 2, &r0, &r1);
+    real *tmp = j->w->scratch + rank * row_scratch(f, R);
+    input_grad(f, r1 - r0, j->w->dA + r0 * f->Gp, 0, tmp);
+    memcpy(j->dxp + r0 * f->I, tmp, (size_t)((r1 - r0) * f->I) * sizeof(real));
+}
+
+static void row_backward_job(void *arg, int rank, int size)
+{
+    row_backward_t *job = arg;
+    const int blas = blas_alone();
+    lk_items(job, row_backward_item, job->w->f.T, job->steps, rank, size, 1);
+    lk_items(job, row_weights_item, 1, job->weights, rank, size, 0);
+    if (job->dxp != NULL)
+        lk_items(job, row_inputs_item, 1, job->inputs, rank, size, 0);
+    blas_restore(blas);
+}
+
+/* A batch-1 direction's backward, on the pair when `pair`; dxp as in row_backward_t. */
+static void row_backward(const bdir_t *w, real *dxp, int pair)
+{
+    row_backward_t job;
+    memset(&job, 0, sizeof job);
+    job.w = w;
+    job.dxp = dxp;
+    if (pair)
+        lk_pair_run(row_backward_job, &job);
+    else
+        row_backward_job(&job, 0, 1);
+}
+
+static void row_backward_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
+{
+    (void)size, (void)bar, (void)sense;
+    if (rank == 0)
+        row_backward(dir, NULL, 0);
+}
+
+/* d_h0 and d_c0 of a batch-1 direction: what its first step passed back, or d_h_n and d_c_n
+ * when it has no step. */
+static void row_initial_grads(const bdir_t *w)
+{
+    const dir_t *f = &w->f;
+    const lk_grads *g = w->g;
+    int64_t first = 0;
+    while (first < f->T && make_step(f, first).n == 0)
+        first++;
+    const int none = first == f->T;
+    const real *part = w->part + first * 2 * f->Pp, *dc = w->dcs + first * f->Hp;
+    const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->P : NULL;
+    const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->H : NULL;
+    real *d_h0 = g->d_h0 ? (real *)g->d_h0 + f->d * f->P : NULL;
+    real *d_c0 = g->d_c0 ? (real *)g->d_c0 + f->d * f->H : NULL;
+    for (int64_t c = 0; c < f->P && d_h0 != NULL; c++)
+        d_h0[c] = !none ? part[c] + part[f->Pp + c] : d_h_n ? d_h_n[c] : 0;
+    for (int64_t u = 0; u < f->H && d_c0 != NULL; u++)
+        d_c0[u] = !none ? dc[u] : d_c_n ? d_c_n[u] : 0;
+}
+
 /* Weight, bias and initial-state gradients of one direction after the loop, and its part of
  * the packed input gradient dxp (beta: 0 for the first direction, 1 to add the second). */
 static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, real *dxp,
@@ -1455,27 +1646,19 @@ static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, rea
         unpermute(f, w->db, dw[LK_B_IH], 1);
     if (dw[LK_B_HH] != NULL)
         unpermute(f, w->db, dw[LK_B_HH], 1);
-    if (dw[LK_W_IH] != NULL && thin(f, f->I)) {
-        row_weight_grad(f, R, f->xp, f->I, w->dA, tmp, dw[LK_W_IH]);
-    } else if (dw[LK_W_IH] != NULL) {
+    if (dw[LK_W_IH] != NULL) {
         gemm(1, 0, f->Gp, f->I, R, 1, w->dA, f->Gp, f->xp, f->I, 0, tmp, f->I);
         unpermute(f, tmp, dw[LK_W_IH], f->I);
     }
     if (dw[LK_W_HH] != NULL) {
         gather_h_prev(f, hp);
-        if (thin(f, f->P)) {
-            row_weight_grad(f, R, hp, f->P, w->dA, tmp, dw[LK_W_HH]);
-        } else {
-            gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
-            unpermute(f, tmp, dw[LK_W_HH], f->P);
-        }
+        gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
+        unpermute(f, tmp, dw[LK_W_HH], f->P);
     }
     if (dw[LK_W_HR] != NULL)
         gemm(1, 0, f->P, f->H, R, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
-    if (dxp != NULL && thin(f, f->I))
-        row_input_grad(f, R, w->dA, beta, dxp);
-    else if (dxp != NULL)
-        gemm(0, 0, R, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, beta, dxp, f->I);
+    if (dxp != NULL)
+        input_grad(f, R, w->dA, beta, dxp);
     for (int64_t b = 0; b < f->B; b++) {
         if (g->d_h0 != NULL)
             memcpy((real *)g->d_h0 + (d * f->B + b) * f->P, w->dH + b * f->Pp,
@@ -1520,6 +1703,10 @@ static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, cha
         w->dA = TAKE(&arena, R * f->Gp);
         w->dm = f->proj ? TAKE(&arena, a->B * f->Hp) : NULL;
         w->dhs = f->proj ? TAKE(&arena, R * f->Pp) : NULL;
+        w->part = f->row ? TAKE(&arena, a->T * 2 * f->Pp) : NULL;
+        w->dcs = f->row ? TAKE(&arena, a->T * f->Hp) : NULL;
+        w->hp = f->row ? TAKE(&arena, R * a->P) : NULL;
+        w->scratch = f->row ? TAKE(&arena, 2 * row_scratch(f, R)) : NULL;
     }
     return arena.used;
 }
@@ -1564,10 +1751,25 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
     }
     const int threads = lk_threads(a, 2 * layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
-    run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     real *dx = g->d_x == NULL ? NULL : a->lengths != NULL ? shared.dxp : g->d_x;
-    for (int64_t d = 0; d < a->D; d++)
-        parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
+    if (dirs[0].f.row) {
+        for (int64_t d = 0; d < a->D; d++)
+            if (g->d_w[d][LK_W_HH] != NULL)
+                gather_h_prev(&dirs[d].f, dirs[d].hp);
+        if (a->D == 1) {
+            row_backward(&dirs[0], dx, !dirs[0].f.small && max_threads(a) >= 2);
+        } else {
+            run_teams(row_backward_fn, dirs, sizeof dirs[0], a->D, threads);
+            for (int64_t d = 0; d < a->D && dx != NULL; d++)
+                input_grad(&dirs[d].f, R, dirs[d].dA, d == 0 ? 0 : 1, dx);
+        }
+        for (int64_t d = 0; d < a->D; d++)
+            row_initial_grads(&dirs[d]);
+    } else {
+        run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
+        for (int64_t d = 0; d < a->D; d++)
+            parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
+    }
     if (dx != NULL && dx != g->d_x) { /* unpack: padded steps get no gradient */
         const int64_t *off = dirs[0].f.off;
         memset(g->d_x, 0, (size_t)(a->T * a->B * a->I) * sizeof(real));
