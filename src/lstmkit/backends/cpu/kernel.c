@@ -29,16 +29,23 @@
  * included. Bigger ones are read as torch stores them: each gate vector is V dot products with
  * rows of W_hh, summed across lanes at the end (row_block), so nothing is packed or copied and
  * W_hh stays cached between calls; W_ih joins the dot products when it is small, else x W_ih^T
- * is one GEMM before the loop. The gate update follows in registers. Backward's dh = dA W_hh
- * reads torch's rows of W_hh too, and the weight and input gradients of thin shapes (up to 2V
+ * is computed by halves of the units before the loop. The gate update follows in registers.
+ * Backward's dh = dA W_hh reads torch's rows of W_hh too, each half of the units adding its
+ * share into a buffer of the step, and the weight and input gradients of thin shapes (up to 2V
  * columns, where the BLAS was several times off its FMA count) take register tiles of their
- * own over all steps.
+ * own over all steps. Except for the small case in forward, a batch-1 layer runs as items in
+ * two halves (lk_items): on two threads, the calling thread and a helper (lk_pair_run), each
+ * half of W_hh stays in its own core's L2, the threads exchange one count per step, and either
+ * thread finishes alone what its partner is late for (another process holding its core), so a
+ * busy core costs about the speed of one thread, not a scheduler timeslice per step.
  *
  * Threads: one OpenMP parallel region for the whole sequence. A bidirectional layer gives each
  * direction its own team (one thread each on two cores: no synchronisation at all); within a
  * team each thread owns a range of unit blocks (and of P panels), whose weight panels stay in
  * its cache, and the team meets at a spin barrier once per step (twice with proj_size). Work
- * below about a millisecond runs on the calling thread. The kernels compute every element in
+ * below about a millisecond runs on the calling thread, except a batch-1 direction past L1,
+ * which pairs with the helper thread when torch allows two threads (see lk_items: it never
+ * waits long for its partner). The kernels compute every element in
  * the same order whatever the thread count (the BLAS does not promise as much; MKL gave the
  * same bits for 1 and 2 threads in our tests).
  *
@@ -902,7 +909,8 @@ static void row_step_item(const void *job, int64_t s, int half, int rank)
     half_blocks(w, half, &b0, &b1);
     if (st.n == 0) { /* a padded step: zero output and cells */
         const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H);
-        zero_columns(cell_row(w, st.t, 0), u0, u1);
+        if (w->cells != NULL) /* else the ring: it holds the last cell state */
+            zero_columns(cell_row(w, st.t, 0), u0, u1);
         zero_columns(out_row(w, st.t, 0), u0, u1);
         return;
     }
