@@ -854,6 +854,8 @@ static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], i
         }
         fn(job, i, other, rank);
         lk_count_raise(&done[other], i + 1);
+        if (partner && rank == 0)
+            lk_pair_late();
         partner = 0;
     }
 }

@@ -35,6 +35,8 @@ int lk_grads_bytes(void) { return (int)sizeof(lk_grads); }
 enum { PAIR_IDLE, PAIR_POSTED, PAIR_TAKEN };
 #define PAIR_IDLE_SPIN_NS 50000 /* the helper's spin for the next job before it sleeps */
 #define PAIR_JOIN_SPINS 256     /* the caller's pauses for a helper still in fn, then it sleeps */
+#define PAIR_JOIN_NS 20000      /* a longer wait for the helper to leave makes the job late */
+#define PAIR_BACKOFF_MAX 256    /* most jobs run alone after late ones, before the next try */
 
 static struct {
     atomic_int state;    /* PAIR_*, also the futex word both sides sleep on */
@@ -42,6 +44,8 @@ static struct {
     atomic_int waiting;  /* the caller sleeps on state */
     atomic_int owned;    /* a caller holds the helper (concurrent callers run alone) */
     atomic_int started;  /* 1 running, -1 could not be started */
+    atomic_int late;     /* the caller did some of the helper's work in this job */
+    int backoff, skip;   /* after late jobs: run `skip` more alone; backoff doubles per late job */
     lk_pair_fn fn;
     void *arg;
 } pair;
@@ -72,6 +76,8 @@ static uint64_t now_ns(void)
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
+
+static int min_int(int a, int b) { return a < b ? a : b; }
 
 static void *pair_helper(void *unused)
 {
@@ -107,6 +113,7 @@ static void pair_forked(void)
     atomic_store(&pair.waiting, 0);
     atomic_store(&pair.owned, 0);
     atomic_store(&pair.started, 0);
+    pair.backoff = pair.skip = 0;
 }
 
 static int pair_ready(void)
@@ -133,26 +140,49 @@ static int pair_ready(void)
     return atomic_load(&pair.started) > 0;
 }
 
+void lk_pair_late(void) { atomic_store_explicit(&pair.late, 1, memory_order_relaxed); }
+
+/* A job is late when the caller did some of the helper's work, the helper never took it, or
+ * the caller waited for it to leave. After a late job the next `backoff` jobs run alone (so a
+ * helper whose core another process holds costs a try now and then, not every call); backoff
+ * doubles with each late try and falls back to none after a job on time. */
 void lk_pair_run(lk_pair_fn fn, void *arg)
 {
     if (!pair_ready() || atomic_exchange(&pair.owned, 1)) {
         fn(arg, 0, 1);
         return;
     }
+    if (pair.skip > 0) {
+        pair.skip--;
+        atomic_store(&pair.owned, 0);
+        fn(arg, 0, 1);
+        return;
+    }
+    atomic_store_explicit(&pair.late, 0, memory_order_relaxed);
     pair.fn = fn;
     pair.arg = arg;
     atomic_store(&pair.state, PAIR_POSTED);
     if (atomic_load(&pair.sleeping))
         pair_wake(&pair.state);
     fn(arg, 0, 2);
-    int posted = PAIR_POSTED;
-    if (!atomic_compare_exchange_strong(&pair.state, &posted, PAIR_IDLE)) {
+    int posted = PAIR_POSTED, late = atomic_load_explicit(&pair.late, memory_order_relaxed);
+    if (atomic_compare_exchange_strong(&pair.state, &posted, PAIR_IDLE)) {
+        late = 1;
+    } else {
+        const uint64_t finished = now_ns();
         for (int k = 0; k < PAIR_JOIN_SPINS && atomic_load(&pair.state) == PAIR_TAKEN; k++)
             lk_pause();
         atomic_store(&pair.waiting, 1);
         while (atomic_load(&pair.state) == PAIR_TAKEN)
             pair_sleep(&pair.state, PAIR_TAKEN);
         atomic_store(&pair.waiting, 0);
+        late |= now_ns() - finished > PAIR_JOIN_NS;
+    }
+    if (late) {
+        pair.skip = pair.backoff;
+        pair.backoff = pair.backoff == 0 ? 1 : min_int(2 * pair.backoff, PAIR_BACKOFF_MAX);
+    } else {
+        pair.backoff = 0;
     }
     atomic_store(&pair.owned, 0);
 }

@@ -116,6 +116,9 @@ static inline void lk_barrier_wait(lk_barrier *b, int *local_sense)
  * and then sleeps. */
 typedef void (*lk_pair_fn)(void *arg, int rank, int size);
 void lk_pair_run(lk_pair_fn fn, void *arg);
+/* Called by rank 0 when it computes work of rank 1: lk_pair_run then runs the next few jobs
+ * alone (the helper's core is likely busy). */
+void lk_pair_late(void);
 
 /* Test hook: rank `rank` sleeps `micros` microseconds before step `step` of a paired job (see
  * lk_pair_set_lag in lstm.c), as a descheduled thread would; micros 0 switches it off. */
