@@ -66,6 +66,12 @@ LAYERS = [
     Layer("batch-1-fused", 6, 1, 8, 45, directions=2),
     Layer("batch-1-gemm", 5, 1, 70, 37, directions=2, lengths=(4,), cells=True),
     Layer("batch-1-threads", 300, 1, 64, 128),
+    # batch 1 on the pair of threads (weights past L1): whole and partial unit blocks, the input
+    # projection by halves or inside the step, lengths (zero too), cells, both directions
+    Layer("batch-1-pair", 37, 1, 16, 128, cells=True),
+    Layer("batch-1-pair-partial", 23, 1, 70, 100, lengths=(17,)),
+    Layer("batch-1-pair-zero-length", 4, 1, 70, 100, lengths=(0,), cells=True),
+    Layer("batch-1-pair-bi", 9, 1, 16, 128, directions=2, lengths=(6,)),
 ]
 BY_NAME = {layer.name: layer for layer in LAYERS}
 
@@ -137,25 +143,69 @@ def test_matches_reference_without_blas(layer: Layer, builtin_gemm: str) -> None
     run_both(layer, torch.float64)
 
 
-@pytest.mark.parametrize("name", ["threads", "batch-1-threads"])
-def test_same_bits_on_one_and_two_threads(name: str) -> None:
-    """A team of two threads splits the units of each step: the results do not change a bit."""
-    layer = BY_NAME[name]
+def one_and_two_threads(layer: Layer, dtype: torch.dtype = torch.float32) -> list[list[Tensor]]:
+    """Outputs and gradients of `layer` run on one thread, then on two (inference outputs
+    first, then training outputs and every gradient)."""
+    lengths = torch.tensor(layer.lengths) if layer.lengths else None
     results = []
     threads_before = torch.get_num_threads()
     try:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            x, h0, c0, weights = make_layer(layer, torch.float32)
-            outputs = BACKEND.run_layer(x, h0, c0, weights, None)
+            x, h0, c0, weights = make_layer(layer, dtype)
+            with torch.no_grad():
+                inferred = BACKEND.run_layer(x, h0, c0, weights, lengths, layer.cells)
+            outputs = BACKEND.run_layer(x, h0, c0, weights, lengths, layer.cells)
             params = [w for d in weights for w in d if w is not None]
-            seeds = [torch.ones_like(t) for t in outputs]
+            seeds = [torch.randn_like(t) for t in outputs]
             grads = torch.autograd.grad(outputs, [x, h0, c0, *params], seeds)
-            results.append([t.detach() for t in (*outputs, *grads)])
+            results.append([t.detach() for t in (*inferred, *outputs, *grads)])
     finally:
         torch.set_num_threads(threads_before)
-    for one, two in zip(*results):
-        assert torch.equal(one, two)
+    return results
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["threads", "batch-1-threads", "batch-1-pair", "batch-1-pair-partial", "batch-1-pair-bi"],
+)
+def test_same_bits_on_one_and_two_threads(name: str) -> None:
+    """A team of two threads splits the units of each step: the results do not change a bit."""
+    one, two = one_and_two_threads(BY_NAME[name])
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+
+
+@pytest.fixture
+def late_thread():
+    """lk_pair_set_lag: lag(rank, step, micros) makes a thread of the batch-1 pair sleep before
+    a step, as if descheduled; switched off after the test."""
+    set_lag = library.load().cdll.lk_pair_set_lag
+    set_lag.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    set_lag.restype = None
+    yield set_lag
+    set_lag(-1, 0, 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    ("rank", "step"),
+    [(1, 0), (1, 5), (0, 5), (0, 0)],
+    ids=["helper-0", "helper-5", "caller-5", "caller-0"],
+)
+def test_pair_with_a_late_thread(late_thread, rank: int, step: int, dtype: torch.dtype) -> None:
+    """When one thread of the pair stops for a while, the other computes its halves too: the
+    results are the same bits as on one thread (and the late thread's rewrites change none)."""
+    late_thread(rank, step, 2000)
+    layer = Layer("late", 30, 1, 70, 100, lengths=(26,), cells=rank == 0)
+    one, two = one_and_two_threads(layer, dtype)
+    for a, b in zip(one, two):
+        assert torch.equal(a, b)
+    x, h0, c0, weights = make_layer(layer, dtype)
+    lengths = torch.tensor(layer.lengths)
+    expected = reference.lstm_layer(x, h0, c0, weights, lengths, layer.cells)
+    for name, a, e in zip(["output", "h_n", "c_n", "cells"], two, expected):
+        assert_close(a, e, name)
 
 
 def test_inference_keeps_nothing_and_matches_training() -> None:

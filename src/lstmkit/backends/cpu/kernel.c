@@ -29,16 +29,23 @@
  * included. Bigger ones are read as torch stores them: each gate vector is V dot products with
  * rows of W_hh, summed across lanes at the end (row_block), so nothing is packed or copied and
  * W_hh stays cached between calls; W_ih joins the dot products when it is small, else x W_ih^T
- * is one GEMM before the loop. The gate update follows in registers. Backward's dh = dA W_hh
- * reads torch's rows of W_hh too, and the weight and input gradients of thin shapes (up to 2V
+ * is computed by halves of the units before the loop. The gate update follows in registers.
+ * Backward's dh = dA W_hh reads torch's rows of W_hh too, each half of the units adding its
+ * share into a buffer of the step, and the weight and input gradients of thin shapes (up to 2V
  * columns, where the BLAS was several times off its FMA count) take register tiles of their
- * own over all steps.
+ * own over all steps. Except for the small case in forward, a batch-1 layer runs as items in
+ * two halves (lk_items): on two threads, the calling thread and a helper (lk_pair_run), each
+ * half of W_hh stays in its own core's L2, the threads exchange one count per step, and either
+ * thread finishes alone what its partner is late for (another process holding its core), so a
+ * busy core costs about the speed of one thread, not a scheduler timeslice per step.
  *
  * Threads: one OpenMP parallel region for the whole sequence. A bidirectional layer gives each
  * direction its own team (one thread each on two cores: no synchronisation at all); within a
  * team each thread owns a range of unit blocks (and of P panels), whose weight panels stay in
  * its cache, and the team meets at a spin barrier once per step (twice with proj_size). Work
- * below about a millisecond runs on the calling thread. The kernels compute every element in
+ * below about a millisecond runs on the calling thread, except a batch-1 direction past L1,
+ * which pairs with the helper thread when torch allows two threads (see lk_items: it never
+ * waits long for its partner). The kernels compute every element in
  * the same order whatever the thread count (the BLAS does not promise as much; MKL gave the
  * same bits for 1 and 2 threads in our tests).
  *
@@ -79,6 +86,7 @@ typedef struct {
     int proj, keep;     /* proj_size > 0; training (keep the gates) */
     int row, fuse;      /* batch 1 (see row_block); its input projection inside the step */
     int small;          /* batch 1 with [W_ih W_hh]^T packed in wt (see row_blocks) */
+    int pair;           /* row, not small, on two threads: each step's cells kept (lk_items) */
     const int64_t *off; /* (T + 1) packed row of (t, 0): the active rows of the steps before */
     const real *x, *h0, *c0;
     const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
@@ -87,6 +95,7 @@ typedef struct {
     real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
     real *pre;                /* row without fuse: (R, G) x W_ih^T in torch's gate order */
     real *wt;                 /* small: (I + P, Gp) [W_ih W_hh]^T, permuted columns */
+    real *scratch;            /* row: each rank's output of BLAS calls (see lk_items) */
     const real *w_ih, *w_hh;  /* torch's weights, as given */
     /* forward weights, packed */
     real *wx;   /* (Gp, I) permuted rows of W_ih */
@@ -549,12 +558,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
             else
                 row_blocks_1(w, &st, blk);
         }
-        for (int64_t blk = b0; blk < b1 && !w->small; blk++) {
-            if (w->row) {
-                if (st.n > 0)
-                    row_block(w, &st, blk);
-                continue;
-            }
+        for (int64_t blk = b0; blk < b1 && !w->row; blk++) {
             const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
             panel_rows(st.n, w->P, &h, &p, &g, w->bias + blk * W, &g);
@@ -579,6 +583,147 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
         }
         lk_barrier_wait(bar, sense); /* h of this step complete */
     }
+}
+
+/* ---- batch 1 as items: work that either of two threads may do, in halves ----
+ * A batch-1 layer with weights too big for L1 (row, not small) runs as a sequence of items
+ * (the input projection, each step; in backward each step, then the weight gradients), each in
+ * two halves of the unit blocks, [0, Hb/2) and [Hb/2, Hb): whatever the number of threads, the
+ * same halves are computed by the same code, so the results are the same bits. On two threads
+ * (lk_pair_run) rank r computes half r of an item, then waits for the other half about as long
+ * as its own took; if the partner is late (descheduled, or not started yet) it computes that
+ * half too, and while the partner stays away it waits only a quarter of that (so one thread
+ * runs at one-thread speed; the partner, back, catches up by skipping finished items and
+ * rejoins). Two threads may thus compute the same half: an item writes only memory of its own
+ * (the outputs, cells and gate rows of its step; per-step buffers in backward), each element
+ * always the same bits from inputs complete before it started, so a second computation rewrites
+ * what is there with the same values, and no buffer is reused for another step while a lagging
+ * thread may still write it (inference keeps every step's cells, not two). A BLAS call is no
+ * such item (it may keep partial sums in its output), so it writes into scratch of the rank
+ * (`scratch`, one per thread), which is then copied into place. lk_pair_run returns only when
+ * the helper is out of the job. */
+
+#define LK_SLACK_TICKS 2000 /* about a microsecond: the partner's head start */
+
+typedef void (*item_fn)(const void *job, int64_t item, int half, int rank);
+
+/* Items 0..n-1, item i needing both halves of every item before it; done[h]: items whose half h
+ * is finished. `lag`: the items are steps (for lk_pair_lag). */
+static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], int rank, int size,
+                     int lag)
+{
+    if (size == 1) {
+        for (int64_t i = 0; i < n; i++) {
+            if (lag)
+                lk_pair_lag(rank, i);
+            fn(job, i, 0, rank);
+            fn(job, i, 1, rank);
+        }
+        return;
+    }
+    const int own = rank, other = 1 - rank;
+    int partner = 1; /* the partner kept up at the last item */
+    for (int64_t i = 0; i < n; i++) {
+        if (lag)
+            lk_pair_lag(rank, i);
+        const uint64_t start = lk_ticks();
+        if (lk_count_get(&done[own]) <= i) {
+            fn(job, i, own, rank);
+            lk_count_raise(&done[own], i + 1);
+        }
+        const uint64_t took = lk_ticks() - start;
+        if (lk_count_wait(&done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
+            partner = 1;
+            continue;
+        }
+        fn(job, i, other, rank);
+        lk_count_raise(&done[other], i + 1);
+        if (partner && rank == 0)
+            lk_pair_late();
+        partner = 0;
+    }
+}
+
+/* Unit blocks of half `half`. */
+static void half_blocks(const dir_t *w, int half, int64_t *b0, int64_t *b1)
+{
+    lk_split(w->Hb, half, 2, b0, b1);
+}
+
+/* The BLAS on one thread for the calling thread (the pair's threads split the work); returns
+ * the setting to restore. */
+static int blas_alone(void) { return lk_blas_threads ? lk_blas_threads(1) : 0; }
+static void blas_restore(int old)
+{
+    if (lk_blas_threads)
+        lk_blas_threads(old);
+}
+
+typedef struct {
+    const dir_t *w;
+    lk_count projection[2], steps[2];
+} row_forward_t;
+
+/* Units of the bigger half: half_units(w) * 4 * rows is a rank's scratch for rows. */
+static int64_t half_units(const dir_t *w) { return (w->Hb + 1) / 2 * V; }
+
+/* Without fuse: x W_ih^T of every step for the units of the half, into pre (R, 4H), through the
+ * rank's scratch (R, 4 units of the half). */
+static void row_projection_item(const void *job, int64_t item, int half, int rank)
+{
+    const dir_t *w = ((const row_forward_t *)job)->w;
+    int64_t b0, b1;
+    (void)item;
+    half_blocks(w, half, &b0, &b1);
+    const int64_t u0 = b0 * V, n = min64(b1 * V, w->H) - u0, R = w->off[w->T];
+    real *tmp = w->scratch + rank * R * 4 * half_units(w);
+    for (int q = 0; q < 4 && n > 0; q++)
+        gemm(0, 1, R, n, w->I, 1, w->xp, w->I, w->w_ih + (q * w->H + u0) * w->I, w->I, 0,
+             tmp + q * n, 4 * n);
+    for (int64_t r = 0; r < R && n > 0; r++)
+        for (int q = 0; q < 4; q++)
+            memcpy(w->pre + r * 4 * w->H + q * w->H + u0, tmp + (r * 4 + q) * n,
+                   (size_t)n * sizeof(real));
+}
+
+static void row_step_item(const void *job, int64_t s, int half, int rank)
+{
+    (void)rank;
+    const dir_t *w = ((const row_forward_t *)job)->w;
+    const step_t st = make_step(w, s);
+    int64_t b0, b1;
+    half_blocks(w, half, &b0, &b1);
+    if (st.n == 0) { /* a padded step: zero output and cells */
+        const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H);
+        if (w->cells != NULL) /* else the ring: it holds the last cell state */
+            zero_columns(cell_row(w, st.t, 0), u0, u1);
+        zero_columns(out_row(w, st.t, 0), u0, u1);
+        return;
+    }
+    for (int64_t blk = b0; blk < b1; blk++)
+        row_block(w, &st, blk);
+}
+
+static void row_forward_job(void *arg, int rank, int size)
+{
+    row_forward_t *job = arg;
+    const int blas = blas_alone();
+    if (!job->w->fuse)
+        lk_items(job, row_projection_item, 1, job->projection, rank, size, 0);
+    lk_items(job, row_step_item, job->w->T, job->steps, rank, size, 1);
+    blas_restore(blas);
+}
+
+/* A batch-1 direction on the calling thread, or on the pair when w->pair. */
+static void row_forward(const dir_t *w)
+{
+    row_forward_t job;
+    memset(&job, 0, sizeof job);
+    job.w = w;
+    if (w->pair)
+        lk_pair_run(row_forward_job, &job);
+    else
+        row_forward_job(&job, 0, 1);
 }
 
 /* Runs fn(dirs[d], rank, size) for every direction: teams side by side when there are threads
@@ -624,7 +769,22 @@ static void run_teams(direction_fn fn, const void *dirs, size_t dir_bytes, int64
 
 static void forward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
 {
-    forward_direction(dir, rank, size, bar, sense);
+    const dir_t *w = dir;
+    if (!w->row || w->small)
+        forward_direction(w, rank, size, bar, sense);
+    else if (rank == 0) /* the rest of the team has nothing to do */
+        row_forward(w);
+}
+
+/* The most threads this call may use: torch.get_num_threads() (see lk_threads). */
+static int max_threads(const lk_layer *a)
+{
+#ifdef _OPENMP
+    return a->threads >= 1 ? (int)a->threads : omp_get_max_threads();
+#else
+    (void)a;
+    return 1;
+#endif
 }
 
 static double layer_flops(const lk_layer *a)
@@ -698,6 +858,7 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
         w->wr = w->row ? NULL : TAKE(&arena, w->Hb * w->P * W);
         w->wp = w->proj ? TAKE(&arena, w->Pb * w->Hp * W) : NULL;
         w->pre = w->row && !w->fuse ? TAKE(&arena, R * 4 * w->H) : NULL;
+        w->scratch = w->row && !w->fuse ? TAKE(&arena, 2 * R * 4 * half_units(w)) : NULL;
         w->wt = w->small ? TAKE(&arena, (w->I + w->P) * w->Gp) : NULL;
         if (w->keep) {
             w->G = saved;
@@ -707,7 +868,9 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
             w->G = w->row ? NULL : TAKE(&arena, R * w->Gp);
             w->m = w->proj ? TAKE(&arena, a->B * w->Hp) : NULL;
         }
-        w->ring = a->cells == NULL ? TAKE(&arena, 2 * a->B * a->H) : NULL;
+        w->ring = a->cells == NULL && !w->pair ? TAKE(&arena, 2 * a->B * a->H) : NULL;
+        if (a->cells == NULL && w->pair)
+            w->cells = TAKE(&arena, a->T * a->B * a->H);
     }
     return arena.used;
 }
@@ -719,6 +882,7 @@ int SUF(lk_forward)(const lk_layer *a)
     for (int64_t d = 0; d < a->D; d++) {
         geometry(&dirs[d], a, d);
         dirs[d].keep = a->saved != NULL;
+        dirs[d].pair = a->D == 1 && dirs[d].row && !dirs[d].small && max_threads(a) >= 2;
     }
     const int64_t R = packed_rows(a);
     char *work = lk_workspace(forward_workspace(dirs, a, R, NULL));
@@ -743,10 +907,11 @@ int SUF(lk_forward)(const lk_layer *a)
         /* the input projection of every step, one GEMM: G = x W_ih^T (bias added per tile) */
         if (!w->row)
             gemm(0, 1, R, w->Gp, a->I, 1, xp, a->I, w->wx, a->I, 0, w->G, w->Gp);
-        else if (!w->fuse)
-            gemm(0, 1, R, 4 * a->H, a->I, 1, xp, a->I, w->w_ih, a->I, 0, w->pre, 4 * a->H);
     }
-    run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
+    if (dirs[0].pair)
+        row_forward(&dirs[0]);
+    else
+        run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
         const dir_t *w = &dirs[d];
         for (int64_t b = 0; b < a->B; b++) {
@@ -776,6 +941,11 @@ typedef struct {
     real *db;       /* (Gp) bias gradient, permuted */
     real *dA;       /* (R, Gp) gate gradients (the kept gates stay intact) */
     real *dm;       /* proj: (B, Hp) gradient of m = o * tanh(c) at the current step */
+    /* row (batch 1, see lk_items): per-step buffers instead of dH and dC */
+    real *part;    /* (T, 2, Pp) each half's sum dA_s W_hh over its units: dh of the step before */
+    real *dcs;     /* (T, Hp) the gradient of c of the step before */
+    real *hp;      /* (R, P) h_{t-1} of every packed row */
+    real *scratch; /* each rank's output of BLAS calls */
 } bdir_t;
 
 static real *grad_row(const bdir_t *w, int64_t t, int64_t b)
@@ -803,38 +973,46 @@ static void add_output_grad(const bdir_t *w, int64_t t, int64_t c0, int64_t c1)
     }
 }
 
-/* Gate gradients of unit block blk for the active rows, given dh (rows ld apart). */
-static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const real *dh,
-                          int64_t ld)
+/* Gate gradients of unit block blk of row b at step st, given the gradients of its h (d_h) and
+ * of its c from the step after (dc; lanes past H zero): dA into grads, the gradient of c_{t-1}
+ * into dc_out, the four gate gradients into d (for the bias). */
+LK_INLINE void block_backward(const bdir_t *w, const step_t *st, int64_t b, int64_t blk, vec d_h,
+                              vec dc, real *grads, real *dc_out, vec d[4])
 {
     const dir_t *f = &w->f;
     const real *d_cells = w->g->d_cells;
     const int64_t lanes = clamp_lanes(f->H - blk * V);
+    const real *gates = gate_row(f, st->t, b) + blk * W;
+    vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
+    vec o = vload(gates + 3 * V);
+    vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
+    vec tc = v_tanh(c);
+    dc = dc + d_h * o * (1 - tc * tc);
+    if (d_cells != NULL)
+        dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V, lanes);
+    d[0] = dc * g * i * (1 - i);
+    d[1] = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
+    d[2] = dc * i * (1 - g * g);
+    d[3] = d_h * tc * o * (1 - o);
+    vstore(dc_out, dc * fg);
+    for (int q = 0; q < 4; q++)
+        vstore(grads + q * V, d[q]);
+}
+
+/* Gate gradients of unit block blk for the active rows, given dh (rows ld apart); dC is the
+ * gradient of c from the step after, then of the step before. */
+static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const real *dh,
+                          int64_t ld)
+{
+    const dir_t *f = &w->f;
     real *db = w->db + blk * W;
     vec db_i = vload(db), db_f = vload(db + V), db_g = vload(db + 2 * V), db_o = vload(db + 3 * V);
     for (int64_t b = 0; b < st->n; b++) {
-        const real *gates = gate_row(f, st->t, b) + blk * W;
-        real *grads = grad_row(w, st->t, b) + blk * W;
-        vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
-        vec o = vload(gates + 3 * V);
-        vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
-        vec tc = v_tanh(c);
-        vec d_h = vload(dh + b * ld);
         real *dc_row = w->dC + b * f->Hp + blk * V;
-        vec dc = vload(dc_row) + d_h * o * (1 - tc * tc);
-        if (d_cells != NULL)
-            dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V,
-                          lanes);
-        vec d_i = dc * g * i * (1 - i);
-        vec d_f = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
-        vec d_g = dc * i * (1 - g * g);
-        vec d_o = d_h * tc * o * (1 - o);
-        vstore(dc_row, dc * fg);
-        vstore(grads, d_i);
-        vstore(grads + V, d_f);
-        vstore(grads + 2 * V, d_g);
-        vstore(grads + 3 * V, d_o);
-        db_i += d_i, db_f += d_f, db_g += d_g, db_o += d_o;
+        vec d[4];
+        block_backward(w, st, b, blk, vload(dh + b * ld), vload(dc_row),
+                       grad_row(w, st->t, b) + blk * W, dc_row, d);
+        db_i += d[0], db_f += d[1], db_g += d[2], db_o += d[3];
     }
     vstore(db, db_i);
     vstore(db + V, db_f);
@@ -842,10 +1020,11 @@ static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const 
     vstore(db + 3 * V, db_o);
 }
 
-/* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over columns [c, c + cols) (at most
- * 4V; zero past P), by torch's rows of W_hh, alternate rows into two sets of sums. */
+/* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over the gate columns of unit blocks
+ * [b0, b1) and columns [c, c + cols) of dh (at most 4V; zero past P), by torch's rows of W_hh,
+ * alternate rows into two sets of sums. */
 LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c, int64_t cols,
-                            const int full)
+                            const int full, int64_t b0, int64_t b1)
 {
     vec acc[2][4];
     int64_t n[4];
@@ -853,7 +1032,7 @@ LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c,
         acc[0][j] = acc[1][j] = splat(0);
         n[j] = full ? V : clamp_lanes(cols - j * V);
     }
-    for (int64_t blk = 0; blk < f->Hb; blk++) {
+    for (int64_t blk = b0; blk < b1; blk++) {
         const int64_t lanes = clamp_lanes(f->H - blk * V);
         for (int q = 0; q < 4; q++) {
             const real *grad = dA + blk * W + q * V;
@@ -869,13 +1048,14 @@ LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c,
         vstore(dh + c + j * V, acc[0][j] + acc[1][j]);
 }
 
-static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t c0, int64_t c1)
+/* dh (Pp) = the part of dA W_hh from the unit blocks [b0, b1). */
+static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t b0, int64_t b1)
 {
-    for (int64_t c = c0; c < c1; c += W) {
+    for (int64_t c = 0; c < f->P; c += W) {
         if (c + W <= f->P)
-            row_dh_chunk(f, dA, dh, c, W, 1);
+            row_dh_chunk(f, dA, dh, c, W, 1, b0, b1);
         else
-            row_dh_chunk(f, dA, dh, c, f->P - c, 0);
+            row_dh_chunk(f, dA, dh, c, f->P - c, 0, b0, b1);
     }
 }
 
@@ -923,9 +1103,7 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         }
         lk_barrier_wait(bar, sense); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
-        if (f->row && st.n > 0)
-            row_dh(f, dA.base, w->dH, c0, c1);
-        for (int64_t pb = p0; pb < p1 && !f->row; pb++) {
+        for (int64_t pb = p0; pb < p1; pb++) {
             const panel_t p = packed_panel(w->ub, pb, f->Gp, W);
             const rows_t dH_panel = rows(dH.base + pb * W, f->Pp);
             panel_rows(st.n, f->Gp, &dA, &p, &none, NULL, &dH_panel);
@@ -963,10 +1141,10 @@ static int thin(const dir_t *w, int64_t columns)
     return w->row && (columns <= 2 * V || BLAS_GEMM == NULL);
 }
 
-/* C (K, Gp) = Z^T D for rows kr of C and 2 vectors of its columns, over all R rows of Z
- * (rows ldz apart) and D (rows Gp apart) in registers. */
+/* C (K, ·) = Z^T D for rows kr of C (ldc apart) and 2 vectors of its columns, over all R rows
+ * of Z (rows ldz apart) and D (rows Gp apart) in registers. */
 LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, const real *D,
-                       int64_t Gp, real *C)
+                       int64_t Gp, real *C, int64_t ldc)
 {
     vec acc[6][2];
     for (int r = 0; r < kr; r++)
@@ -980,16 +1158,16 @@ LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, cons
         }
     }
     for (int r = 0; r < kr; r++) {
-        vstore(C + r * Gp, acc[r][0]);
-        vstore(C + r * Gp + V, acc[r][1]);
+        vstore(C + r * ldc, acc[r][0]);
+        vstore(C + r * ldc + V, acc[r][1]);
     }
 }
 
 #define TN_TILE(kr)                                                                               \
-    static __attribute__((noinline)) void tn_tile_##kr(int64_t R, const real *z, int64_t ldz,    \
-                                                       const real *D, int64_t Gp, real *C)       \
+    static __attribute__((noinline)) void tn_tile_##kr(                                           \
+        int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C, int64_t ldc)   \
     {                                                                                             \
-        tn_tile(kr, R, z, ldz, D, Gp, C);                                                         \
+        tn_tile(kr, R, z, ldz, D, Gp, C, ldc);                                                    \
     }
 TN_TILE(1)
 TN_TILE(2)
@@ -998,21 +1176,34 @@ TN_TILE(4)
 TN_TILE(5)
 TN_TILE(6)
 #undef TN_TILE
-typedef void (*tn_fn)(int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C);
+typedef void (*tn_fn)(int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C,
+                      int64_t ldc);
 static const tn_fn tn_tiles[7] = {NULL, tn_tile_1, tn_tile_2, tn_tile_3,
                                   tn_tile_4, tn_tile_5, tn_tile_6};
 
-/* dst (4H, K) in torch's layout = (Z^T D)^T: Z (R, K), D (R, Gp) the gate gradients. */
+/* The rows of dst (4H, K) in torch's layout = (Z^T D)^T for gate columns [c0, c1) (whole unit
+ * blocks): Z (R, K), D (R, Gp) the gate gradients; tmp holds K x (c1 - c0). With a BLAS and
+ * more than 2V columns (not thin) one GEMM, else register tiles. */
 static void row_weight_grad(const dir_t *w, int64_t R, const real *z, int64_t K, const real *D,
-                            real *tmp, real *dst)
+                            int64_t c0, int64_t c1, real *tmp, real *dst)
 {
-    for (int64_t c = 0; c < w->Gp; c += 2 * V)
+    const int64_t n = c1 - c0;
+    if (!thin(w, K)) {
+        gemm(1, 0, n, K, R, 1, D + c0, w->Gp, z, K, 0, tmp, K);
+        for (int64_t col = c0; col < c1; col++) {
+            const int64_t r = torch_row(w, col);
+            if (r >= 0)
+                memcpy(dst + r * K, tmp + (col - c0) * K, (size_t)K * sizeof(real));
+        }
+        return;
+    }
+    for (int64_t c = c0; c < c1; c += 2 * V)
         for (int64_t k = 0; k < K; k += 6)
-            tn_tiles[min64(6, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * w->Gp + c);
-    for (int64_t col = 0; col < w->Gp; col++) {
+            tn_tiles[min64(6, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * n + c - c0, n);
+    for (int64_t col = c0; col < c1; col++) {
         const int64_t r = torch_row(w, col);
         for (int64_t k = 0; k < K && r >= 0; k++)
-            dst[r * K + k] = tmp[k * w->Gp + col];
+            dst[r * K + k] = tmp[k * n + col - c0];
     }
 }
 
@@ -1071,6 +1262,171 @@ static void row_input_grad(const dir_t *w, int64_t R, const real *dA, real beta,
     }
 }
 
+/* dx (R, I) = beta dx + dA (R, Gp) wx (Gp, I): register tiles where thin, else one GEMM. */
+static void input_grad(const dir_t *w, int64_t R, const real *dA, real beta, real *dx)
+{
+    if (thin(w, w->I))
+        row_input_grad(w, R, dA, beta, dx);
+    else
+        gemm(0, 0, R, w->I, w->Gp, 1, dA, w->Gp, w->wx, w->I, beta, dx, w->I);
+}
+
+/* ---- batch 1: backward as items (see lk_items) ----
+ * Step s, half k: the gate gradients of the half's units, from dh = part[s+1][0] +
+ * part[s+1][1] (+ d_out), and dc[s+1]; then part[s][k] = that half's share of dA_s W_hh (its
+ * rows of W_hh: the ones forward read on this thread). So one exchange per step, and each dh
+ * is summed in the same order whatever the threads. Then the weight gradients of each half's
+ * gate columns (the bias summed over the steps in the order of the loop), then dx by halves of
+ * the rows. */
+
+typedef struct {
+    const bdir_t *w;
+    real *dxp; /* the packed input gradient, made in the job (one direction), or NULL */
+    lk_count steps[2], weights[2], inputs[2];
+} row_backward_t;
+
+static void row_backward_item(const void *job, int64_t item, int half, int rank)
+{
+    const bdir_t *w = ((const row_backward_t *)job)->w;
+    const dir_t *f = &w->f;
+    const lk_grads *g = w->g;
+    const int64_t s = f->T - 1 - item;
+    const step_t st = make_step(f, s);
+    (void)rank;
+    if (st.n == 0)
+        return;
+    /* the step after (in this direction's order) read this one's state, or this is the last */
+    const int next = s + 1 < f->T && make_step(f, s + 1).n > 0;
+    const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->P : NULL;
+    const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->H : NULL;
+    const real *d_out = g->d_out ? (const real *)g->d_out + (st.t * f->D + f->d) * f->P : NULL;
+    const real *part = w->part + (s + 1) * 2 * f->Pp, *dc_next = w->dcs + (s + 1) * f->Hp;
+    real *dA = grad_row(w, st.t, 0);
+    int64_t b0, b1;
+    half_blocks(f, half, &b0, &b1);
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const int64_t u = blk * V, lanes = clamp_lanes(f->H - u);
+        vec dh = next    ? vload_n(part + u, lanes) + vload_n(part + f->Pp + u, lanes)
+                 : d_h_n ? vload_n(d_h_n + u, lanes)
+                         : splat(0);
+        if (d_out != NULL)
+            dh += vload_n(d_out + u, lanes);
+        const vec dc = next    ? vload_n(dc_next + u, lanes)
+                       : d_c_n ? vload_n(d_c_n + u, lanes)
+                               : splat(0);
+        vec d[4];
+        block_backward(w, &st, 0, blk, dh, dc, dA + blk * W, w->dcs + s * f->Hp + u, d);
+    }
+    row_dh(f, dA, w->part + (s * 2 + half) * f->Pp, b0, b1);
+}
+
+/* Rows of a rank's scratch: (4 half units, max(I, P)) weight gradients or (R/2, I) of dx. */
+static int64_t row_scratch(const dir_t *f, int64_t R)
+{
+    const int64_t weights = 4 * half_units(f) * (f->I > f->P ? f->I : f->P);
+    const int64_t inputs = (R + 1) / 2 * f->I;
+    return weights > inputs ? weights : inputs;
+}
+
+static void row_weights_item(const void *job, int64_t item, int half, int rank)
+{
+    const bdir_t *w = ((const row_backward_t *)job)->w;
+    const dir_t *f = &w->f;
+    void *const *dw = w->g->d_w[f->d];
+    const int64_t R = f->off[f->T];
+    int64_t b0, b1;
+    (void)item;
+    half_blocks(f, half, &b0, &b1);
+    const int64_t c0 = b0 * W, c1 = b1 * W;
+    real *tmp = w->scratch + rank * row_scratch(f, R);
+    if (dw[LK_B_IH] != NULL || dw[LK_B_HH] != NULL) {
+        for (int64_t c = c0; c < c1; c += V) { /* in the loop's order: the last step first */
+            vec sum = splat(0);
+            for (int64_t s = f->T - 1; s >= 0; s--) {
+                const step_t st = make_step(f, s);
+                if (st.n > 0)
+                    sum += vload(grad_row(w, st.t, 0) + c);
+            }
+            vstore(tmp + c - c0, sum);
+        }
+        for (int64_t col = c0; col < c1; col++) {
+            const int64_t r = torch_row(f, col);
+            for (int k = LK_B_IH; k <= LK_B_HH && r >= 0; k++)
+                if (dw[k] != NULL)
+                    ((real *)dw[k])[r] = tmp[col - c0];
+        }
+    }
+    if (dw[LK_W_IH] != NULL)
+        row_weight_grad(f, R, f->xp, f->I, w->dA, c0, c1, tmp, dw[LK_W_IH]);
+    if (dw[LK_W_HH] != NULL)
+        row_weight_grad(f, R, w->hp, f->P, w->dA, c0, c1, tmp, dw[LK_W_HH]);
+}
+
+static void row_inputs_item(const void *job, int64_t item, int half, int rank)
+{
+    const row_backward_t *j = job;
+    const dir_t *f = &j->w->f;
+    const int64_t R = f->off[f->T];
+    int64_t r0, r1;
+    (void)item;
+    lk_split(R, half, 2, &r0, &r1);
+    real *tmp = j->w->scratch + rank * row_scratch(f, R);
+    input_grad(f, r1 - r0, j->w->dA + r0 * f->Gp, 0, tmp);
+    memcpy(j->dxp + r0 * f->I, tmp, (size_t)((r1 - r0) * f->I) * sizeof(real));
+}
+
+static void row_backward_job(void *arg, int rank, int size)
+{
+    row_backward_t *job = arg;
+    const int blas = blas_alone();
+    lk_items(job, row_backward_item, job->w->f.T, job->steps, rank, size, 1);
+    lk_items(job, row_weights_item, 1, job->weights, rank, size, 0);
+    if (job->dxp != NULL)
+        lk_items(job, row_inputs_item, 1, job->inputs, rank, size, 0);
+    blas_restore(blas);
+}
+
+/* A batch-1 direction's backward, on the pair when `pair`; dxp as in row_backward_t. */
+static void row_backward(const bdir_t *w, real *dxp, int pair)
+{
+    row_backward_t job;
+    memset(&job, 0, sizeof job);
+    job.w = w;
+    job.dxp = dxp;
+    if (pair)
+        lk_pair_run(row_backward_job, &job);
+    else
+        row_backward_job(&job, 0, 1);
+}
+
+static void row_backward_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
+{
+    (void)size, (void)bar, (void)sense;
+    if (rank == 0)
+        row_backward(dir, NULL, 0);
+}
+
+/* d_h0 and d_c0 of a batch-1 direction: what its first step passed back, or d_h_n and d_c_n
+ * when it has no step. */
+static void row_initial_grads(const bdir_t *w)
+{
+    const dir_t *f = &w->f;
+    const lk_grads *g = w->g;
+    int64_t first = 0;
+    while (first < f->T && make_step(f, first).n == 0)
+        first++;
+    const int none = first == f->T;
+    const real *part = w->part + first * 2 * f->Pp, *dc = w->dcs + first * f->Hp;
+    const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->P : NULL;
+    const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->H : NULL;
+    real *d_h0 = g->d_h0 ? (real *)g->d_h0 + f->d * f->P : NULL;
+    real *d_c0 = g->d_c0 ? (real *)g->d_c0 + f->d * f->H : NULL;
+    for (int64_t c = 0; c < f->P && d_h0 != NULL; c++)
+        d_h0[c] = !none ? part[c] + part[f->Pp + c] : d_h_n ? d_h_n[c] : 0;
+    for (int64_t u = 0; u < f->H && d_c0 != NULL; u++)
+        d_c0[u] = !none ? dc[u] : d_c_n ? d_c_n[u] : 0;
+}
+
 /* Weight, bias and initial-state gradients of one direction after the loop, and its part of
  * the packed input gradient dxp (beta: 0 for the first direction, 1 to add the second). */
 static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, real *dxp,
@@ -1084,27 +1440,19 @@ static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, rea
         unpermute(f, w->db, dw[LK_B_IH], 1);
     if (dw[LK_B_HH] != NULL)
         unpermute(f, w->db, dw[LK_B_HH], 1);
-    if (dw[LK_W_IH] != NULL && thin(f, f->I)) {
-        row_weight_grad(f, R, f->xp, f->I, w->dA, tmp, dw[LK_W_IH]);
-    } else if (dw[LK_W_IH] != NULL) {
+    if (dw[LK_W_IH] != NULL) {
         gemm(1, 0, f->Gp, f->I, R, 1, w->dA, f->Gp, f->xp, f->I, 0, tmp, f->I);
         unpermute(f, tmp, dw[LK_W_IH], f->I);
     }
     if (dw[LK_W_HH] != NULL) {
         gather_h_prev(f, hp);
-        if (thin(f, f->P)) {
-            row_weight_grad(f, R, hp, f->P, w->dA, tmp, dw[LK_W_HH]);
-        } else {
-            gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
-            unpermute(f, tmp, dw[LK_W_HH], f->P);
-        }
+        gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
+        unpermute(f, tmp, dw[LK_W_HH], f->P);
     }
     if (dw[LK_W_HR] != NULL)
         gemm(1, 0, f->P, f->H, R, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
-    if (dxp != NULL && thin(f, f->I))
-        row_input_grad(f, R, w->dA, beta, dxp);
-    else if (dxp != NULL)
-        gemm(0, 0, R, f->I, f->Gp, 1, w->dA, f->Gp, f->wx, f->I, beta, dxp, f->I);
+    if (dxp != NULL)
+        input_grad(f, R, w->dA, beta, dxp);
     for (int64_t b = 0; b < f->B; b++) {
         if (g->d_h0 != NULL)
             memcpy((real *)g->d_h0 + (d * f->B + b) * f->P, w->dH + b * f->Pp,
@@ -1149,6 +1497,10 @@ static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, cha
         w->dA = TAKE(&arena, R * f->Gp);
         w->dm = f->proj ? TAKE(&arena, a->B * f->Hp) : NULL;
         w->dhs = f->proj ? TAKE(&arena, R * f->Pp) : NULL;
+        w->part = f->row ? TAKE(&arena, a->T * 2 * f->Pp) : NULL;
+        w->dcs = f->row ? TAKE(&arena, a->T * f->Hp) : NULL;
+        w->hp = f->row ? TAKE(&arena, R * a->P) : NULL;
+        w->scratch = f->row ? TAKE(&arena, 2 * row_scratch(f, R)) : NULL;
     }
     return arena.used;
 }
@@ -1193,10 +1545,25 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
     }
     const int threads = lk_threads(a, 2 * layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
-    run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
     real *dx = g->d_x == NULL ? NULL : a->lengths != NULL ? shared.dxp : g->d_x;
-    for (int64_t d = 0; d < a->D; d++)
-        parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
+    if (dirs[0].f.row) {
+        for (int64_t d = 0; d < a->D; d++)
+            if (g->d_w[d][LK_W_HH] != NULL)
+                gather_h_prev(&dirs[d].f, dirs[d].hp);
+        if (a->D == 1) {
+            row_backward(&dirs[0], dx, !dirs[0].f.small && max_threads(a) >= 2);
+        } else {
+            run_teams(row_backward_fn, dirs, sizeof dirs[0], a->D, threads);
+            for (int64_t d = 0; d < a->D && dx != NULL; d++)
+                input_grad(&dirs[d].f, R, dirs[d].dA, d == 0 ? 0 : 1, dx);
+        }
+        for (int64_t d = 0; d < a->D; d++)
+            row_initial_grads(&dirs[d]);
+    } else {
+        run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
+        for (int64_t d = 0; d < a->D; d++)
+            parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
+    }
     if (dx != NULL && dx != g->d_x) { /* unpack: padded steps get no gradient */
         const int64_t *off = dirs[0].f.off;
         memset(g->d_x, 0, (size_t)(a->T * a->B * a->I) * sizeof(real));

@@ -19,3 +19,194 @@ int lk_layer_bytes(void) { return (int)sizeof(lk_layer); }
 int lk_grads_bytes(void) { return (int)sizeof(lk_grads); }
 int lk_variant_bytes(void) { return (int)sizeof(lk_variant); }
 int lk_variant_grads_bytes(void) { return (int)sizeof(lk_variant_grads); }
+
+/* ---- the pair's helper thread (see lk_pair_run in lstm.h) ----
+ * One job at a time: the caller posts it (state POSTED); the helper takes it (TAKEN) and, when
+ * fn returns, gives the state back (IDLE). A caller that finishes first withdraws a job nobody
+ * took, so it never waits for a helper that is not running; it waits only for a helper inside
+ * fn, spinning briefly, then asleep (which frees its core for a descheduled helper). */
+
+#include <pthread.h>
+#include <signal.h>
+#include <unistd.h>
+#ifdef __linux__
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#endif
+
+enum { PAIR_IDLE, PAIR_POSTED, PAIR_TAKEN };
+#define PAIR_IDLE_SPIN_NS 50000 /* the helper's spin for the next job before it sleeps */
+#define PAIR_JOIN_SPINS 256     /* the caller's pauses for a helper still in fn, then it sleeps */
+#define PAIR_JOIN_NS 20000      /* a longer wait for the helper to leave makes the job late */
+#define PAIR_BACKOFF_MAX 256    /* most jobs run alone after late ones, before the next try */
+
+static struct {
+    atomic_int state;    /* PAIR_*, also the futex word both sides sleep on */
+    atomic_int sleeping; /* the helper sleeps on state */
+    atomic_int waiting;  /* the caller sleeps on state */
+    atomic_int owned;    /* a caller holds the helper (concurrent callers run alone) */
+    atomic_int started;  /* 1 running, -1 could not be started */
+    atomic_int late;     /* the caller did some of the helper's work in this job */
+    int backoff, skip;   /* after late jobs: run `skip` more alone; backoff doubles per late job */
+    lk_pair_fn fn;
+    void *arg;
+} pair;
+static pthread_mutex_t pair_start = PTHREAD_MUTEX_INITIALIZER;
+
+static void pair_sleep(atomic_int *word, int value)
+{
+#ifdef __linux__
+    syscall(SYS_futex, (int *)word, FUTEX_WAIT_PRIVATE, value, NULL, NULL, 0);
+#else
+    (void)word, (void)value;
+    sched_yield();
+#endif
+}
+
+static void pair_wake(atomic_int *word)
+{
+#ifdef __linux__
+    syscall(SYS_futex, (int *)word, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
+#else
+    (void)word;
+#endif
+}
+
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static int min_int(int a, int b) { return a < b ? a : b; }
+
+static void *pair_helper(void *unused)
+{
+    (void)unused;
+    for (;;) {
+        const uint64_t idle_since = now_ns();
+        while (atomic_load(&pair.state) != PAIR_POSTED) {
+            for (int k = 0; k < 64; k++)
+                lk_pause();
+            if (now_ns() - idle_since < PAIR_IDLE_SPIN_NS)
+                continue;
+            atomic_store(&pair.sleeping, 1);
+            if (atomic_load(&pair.state) == PAIR_IDLE)
+                pair_sleep(&pair.state, PAIR_IDLE);
+            atomic_store(&pair.sleeping, 0);
+        }
+        int posted = PAIR_POSTED;
+        if (!atomic_compare_exchange_strong(&pair.state, &posted, PAIR_TAKEN))
+            continue; /* withdrawn */
+        pair.fn(pair.arg, 1, 2);
+        atomic_store(&pair.state, PAIR_IDLE);
+        if (atomic_load(&pair.waiting))
+            pair_wake(&pair.state);
+    }
+    return NULL;
+}
+
+/* A forked child has no helper: the next job starts one. */
+static void pair_forked(void)
+{
+    atomic_store(&pair.state, PAIR_IDLE);
+    atomic_store(&pair.sleeping, 0);
+    atomic_store(&pair.waiting, 0);
+    atomic_store(&pair.owned, 0);
+    atomic_store(&pair.started, 0);
+    pair.backoff = pair.skip = 0;
+}
+
+static int pair_ready(void)
+{
+    if (atomic_load_explicit(&pair.started, memory_order_acquire) != 0)
+        return atomic_load(&pair.started) > 0;
+    pthread_mutex_lock(&pair_start);
+    if (atomic_load(&pair.started) == 0) {
+        static int fork_handler;
+        if (!fork_handler)
+            fork_handler = pthread_atfork(NULL, NULL, pair_forked) == 0;
+        pthread_attr_t attr;
+        pthread_t thread;
+        sigset_t all, old;
+        sigfillset(&all);
+        pthread_sigmask(SIG_SETMASK, &all, &old); /* signals stay with the caller's threads */
+        int ok = pthread_attr_init(&attr) == 0;
+        ok = ok && pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED) == 0;
+        ok = ok && pthread_create(&thread, &attr, pair_helper, NULL) == 0;
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        atomic_store(&pair.started, ok && fork_handler ? 1 : -1);
+    }
+    pthread_mutex_unlock(&pair_start);
+    return atomic_load(&pair.started) > 0;
+}
+
+void lk_pair_late(void) { atomic_store_explicit(&pair.late, 1, memory_order_relaxed); }
+
+/* A job is late when the caller did some of the helper's work, the helper never took it, or
+ * the caller waited for it to leave. After a late job the next `backoff` jobs run alone (so a
+ * helper whose core another process holds costs a try now and then, not every call); backoff
+ * doubles with each late try and falls back to none after a job on time. */
+void lk_pair_run(lk_pair_fn fn, void *arg)
+{
+    if (!pair_ready() || atomic_exchange(&pair.owned, 1)) {
+        fn(arg, 0, 1);
+        return;
+    }
+    if (pair.skip > 0) {
+        pair.skip--;
+        atomic_store(&pair.owned, 0);
+        fn(arg, 0, 1);
+        return;
+    }
+    atomic_store_explicit(&pair.late, 0, memory_order_relaxed);
+    pair.fn = fn;
+    pair.arg = arg;
+    atomic_store(&pair.state, PAIR_POSTED);
+    if (atomic_load(&pair.sleeping))
+        pair_wake(&pair.state);
+    fn(arg, 0, 2);
+    int posted = PAIR_POSTED, late = atomic_load_explicit(&pair.late, memory_order_relaxed);
+    if (atomic_compare_exchange_strong(&pair.state, &posted, PAIR_IDLE)) {
+        late = 1;
+    } else {
+        const uint64_t finished = now_ns();
+        for (int k = 0; k < PAIR_JOIN_SPINS && atomic_load(&pair.state) == PAIR_TAKEN; k++)
+            lk_pause();
+        atomic_store(&pair.waiting, 1);
+        while (atomic_load(&pair.state) == PAIR_TAKEN)
+            pair_sleep(&pair.state, PAIR_TAKEN);
+        atomic_store(&pair.waiting, 0);
+        late |= now_ns() - finished > PAIR_JOIN_NS;
+    }
+    if (late) {
+        pair.skip = pair.backoff;
+        pair.backoff = pair.backoff == 0 ? 1 : min_int(2 * pair.backoff, PAIR_BACKOFF_MAX);
+    } else {
+        pair.backoff = 0;
+    }
+    atomic_store(&pair.owned, 0);
+}
+
+/* ---- the test hook of lk_pair_lag ---- */
+
+static atomic_int lag_rank = -1;
+static atomic_llong lag_step, lag_micros;
+
+/* From now on, rank `rank` of every paired job sleeps `micros` us before step `step`. */
+void lk_pair_set_lag(int rank, int64_t step, int64_t micros)
+{
+    atomic_store(&lag_rank, rank);
+    atomic_store(&lag_step, step);
+    atomic_store(&lag_micros, micros);
+}
+
+void lk_pair_lag(int rank, int64_t step)
+{
+    const long long micros = atomic_load_explicit(&lag_micros, memory_order_relaxed);
+    if (micros == 0 || rank != atomic_load(&lag_rank) || step != atomic_load(&lag_step))
+        return;
+    struct timespec t = {micros / 1000000, micros % 1000000 * 1000};
+    nanosleep(&t, NULL);
+}

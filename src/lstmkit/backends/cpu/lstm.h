@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -103,6 +104,76 @@ static inline void lk_barrier_wait(lk_barrier *b, int *local_sense)
             sched_yield();
         }
     }
+}
+
+/* ---- a pair: the calling thread and one helper thread, for work the caller can finish alone ----
+ * lk_pair_run(fn, arg) runs fn(arg, 0, size) on the calling thread and, when the process's
+ * helper thread is free, fn(arg, 1, 2) on it (size 2); otherwise fn(arg, 0, 1) alone. The helper
+ * may start late or not at all, and may be descheduled at any moment: fn must let either rank
+ * finish the whole job alone (see lk_items in kernel.c). lk_pair_run returns once rank 0 has
+ * returned and the helper is not inside fn; it never waits for a helper that has not started.
+ * The helper is one thread per process, started on first use; it spins briefly for the next job
+ * and then sleeps. */
+typedef void (*lk_pair_fn)(void *arg, int rank, int size);
+void lk_pair_run(lk_pair_fn fn, void *arg);
+/* Called by rank 0 when it computes work of rank 1: lk_pair_run then runs the next few jobs
+ * alone (the helper's core is likely busy). */
+void lk_pair_late(void);
+
+/* Test hook: rank `rank` sleeps `micros` microseconds before step `step` of a paired job (see
+ * lk_pair_set_lag in lstm.c), as a descheduled thread would; micros 0 switches it off. */
+void lk_pair_lag(int rank, int64_t step);
+
+/* A count of finished items that only grows, on a cache line of its own. */
+typedef struct {
+    _Alignas(64) atomic_llong n;
+    char pad[64 - sizeof(atomic_llong)];
+} lk_count;
+
+static inline long long lk_count_get(lk_count *c)
+{
+    return atomic_load_explicit(&c->n, memory_order_acquire);
+}
+
+/* c = max(c, n): the items before n are finished, and their results visible with the count. */
+static inline void lk_count_raise(lk_count *c, long long n)
+{
+    long long old = atomic_load_explicit(&c->n, memory_order_relaxed);
+    while (old < n && !atomic_compare_exchange_weak_explicit(&c->n, &old, n, memory_order_release,
+                                                             memory_order_relaxed))
+        ;
+}
+
+/* A clock for short waits: the time-stamp counter where there is one. */
+static inline uint64_t lk_ticks(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_ia32_rdtsc();
+#else
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+#endif
+}
+
+static inline void lk_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+/* Waits at most `ticks` for c > n; returns whether it is. */
+static inline int lk_count_wait(lk_count *c, long long n, uint64_t ticks)
+{
+    if (lk_count_get(c) > n)
+        return 1;
+    for (const uint64_t start = lk_ticks(); lk_ticks() - start < ticks;)
+        if (lk_count_get(c) > n)
+            return 1;
+        else
+            lk_pause();
+    return 0;
 }
 
 /* Big buffers are written page by page on first use, and each 4 KB page costs a fault (about
