@@ -68,8 +68,11 @@
 #include "real.h"
 
 #define W (4 * V) /* columns per panel */
-/* Batch 1 (see row_block): weights of at most SMALL bytes are packed for broadcasts (they stay
- * in L1); above, W_ih of at most FUSE bytes is read inside the step, a bigger one by a GEMM. */
+/* Batch 1 (see row_block), where W_hh fits a core's L2 (at most ROW bytes; a bigger one streams
+ * from L3 each step, where the panel path on every thread does better): weights of at most SMALL
+ * bytes are packed for broadcasts (they stay in L1); above, W_ih of at most FUSE bytes is read
+ * inside the step, a bigger one by a GEMM. */
+#define LK_ROW_BYTES 524288.0
 #define LK_SMALL_BYTES 32768.0
 #define LK_FUSE_BYTES 32768.0
 
@@ -164,7 +167,7 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
     w->Pb = (a->P + W - 1) / W;
     w->Pp = w->Pb * W;
     w->proj = a->w[d][LK_W_HR] != NULL;
-    w->row = a->B == 1 && !w->proj;
+    w->row = a->B == 1 && !w->proj && (double)(4 * a->H * a->P) * sizeof(real) <= LK_ROW_BYTES;
     w->small = w->row && (double)((a->I + a->P) * w->Gp) * sizeof(real) <= LK_SMALL_BYTES;
     w->fuse = w->small || (w->row && (double)(4 * a->H * a->I) * sizeof(real) <= LK_FUSE_BYTES);
     w->w_ih = a->w[d][LK_W_IH];
