@@ -790,66 +790,18 @@ static int max_threads(const lk_layer *a)
 #endif
 }
 
-static double layer_flops(const lk_layer *a)
-{
-    double per_row = 8.0 * a->H * (a->I + a->P) + (a->w[0][LK_W_HR] ? 2.0 * a->H * a->P : 0);
-    return per_row * a->T * a->B * a->D;
-}
-
-/* ---- workspaces: carved from one block; a first pass with base NULL only measures ---- */
-
-typedef struct {
-    char *base;
-    size_t used;
-} arena_t;
-
-static void *take(arena_t *arena, size_t count, size_t size)
-{
-    void *p = arena->base + arena->used;
-    arena->used += (count * size + 63) / 64 * 64;
-    return p;
-}
-#define TAKE(arena, count) ((real *)take(arena, (size_t)(count), sizeof(real)))
-
-/* off[t] = active rows of the steps before t, so off[T] = R. */
-static void fill_offsets(const lk_layer *a, int64_t *off)
-{
-    off[0] = 0;
-    for (int64_t t = 0; t < a->T; t++)
-        off[t + 1] = off[t] + lk_active(a, t);
-}
-
-static int64_t packed_rows(const lk_layer *a)
-{
-    int64_t rows = 0;
-    for (int64_t t = 0; t < a->T; t++)
-        rows += lk_active(a, t);
-    return rows;
-}
-
-/* x packed by steps (rows off[t] + b), for lengths; the padded x itself otherwise. */
-static const real *pack_input(const lk_layer *a, const int64_t *off, real *xp)
-{
-    if (a->lengths == NULL)
-        return a->x;
-    for (int64_t t = 0; t < a->T; t++)
-        memcpy(xp + off[t] * a->I, (const real *)a->x + t * a->B * a->I,
-               (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
-    return xp;
-}
-
 /* Elements of `saved` that a training forward needs (see the file comment). */
 int64_t SUF(lk_saved_elems)(const lk_layer *a)
 {
     dir_t w;
     geometry(&w, a, 0);
-    return a->D * packed_rows(a) * (w.Gp + (w.proj ? w.Hp : 0));
+    return a->D * lk_packed_rows(a) * (w.Gp + (w.proj ? w.Hp : 0));
 }
 
 static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char *base)
 {
-    arena_t arena = {base, 0};
-    int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
+    lk_arena arena = {base, 0};
+    int64_t *off = lk_take(&arena, (size_t)a->T + 1, sizeof(int64_t));
     real *xp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
     real *saved = a->saved;
     for (int64_t d = 0; d < a->D; d++) {
@@ -887,7 +839,7 @@ int SUF(lk_forward)(const lk_layer *a)
         dirs[d].keep = a->saved != NULL;
         dirs[d].pair = a->D == 1 && dirs[d].row && !dirs[d].small && max_threads(a) >= 2;
     }
-    const int64_t R = packed_rows(a);
+    const int64_t R = lk_packed_rows(a);
     char *work = lk_workspace(forward_workspace(dirs, a, R, NULL));
     if (work == NULL)
         return -1;
@@ -897,9 +849,9 @@ int SUF(lk_forward)(const lk_layer *a)
     if (a->saved != NULL)
         lk_advise_huge(a->saved, (size_t)SUF(lk_saved_elems)(a) * sizeof(real));
     forward_workspace(dirs, a, R, work);
-    fill_offsets(a, (int64_t *)dirs[0].off);
+    lk_fill_offsets(a, (int64_t *)dirs[0].off);
     const real *xp = pack_input(a, dirs[0].off, (real *)dirs[0].xp);
-    const int threads = lk_threads(a, layer_flops(a));
+    const int threads = lk_threads(a, lk_layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     for (int64_t d = 0; d < a->D; d++) {
         dir_t *w = &dirs[d];
@@ -1475,8 +1427,8 @@ typedef struct {
 static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, char *base,
                                  bshared_t *shared)
 {
-    arena_t arena = {base, 0};
-    int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
+    lk_arena arena = {base, 0};
+    int64_t *off = lk_take(&arena, (size_t)a->T + 1, sizeof(int64_t));
     real *xp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
     const dir_t *f0 = &dirs[0].f;
     shared->tmp = TAKE(&arena, f0->Gp * (a->I > a->P ? a->I : a->P));
@@ -1520,7 +1472,7 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         dirs[d].f.keep = 1;
         dirs[d].g = g;
     }
-    const int64_t R = packed_rows(a);
+    const int64_t R = lk_packed_rows(a);
     char *work = lk_workspace(backward_workspace(dirs, a, R, NULL, &shared));
     if (work == NULL)
         return -1;
@@ -1530,7 +1482,7 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         lk_advise_huge(g->d_w[d][LK_W_HH], (size_t)(4 * a->H * a->P) * sizeof(real));
     }
     backward_workspace(dirs, a, R, work, &shared);
-    fill_offsets(a, (int64_t *)dirs[0].f.off);
+    lk_fill_offsets(a, (int64_t *)dirs[0].f.off);
     const real *xp = pack_input(a, dirs[0].f.off, (real *)dirs[0].f.xp);
     for (int64_t d = 0; d < a->D; d++) {
         bdir_t *w = &dirs[d];
@@ -1546,7 +1498,7 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
                 memset(w->f.wx + col * a->I, 0, (size_t)a->I * sizeof(real));
         }
     }
-    const int threads = lk_threads(a, 2 * layer_flops(a));
+    const int threads = lk_threads(a, 2 * lk_layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     real *dx = g->d_x == NULL ? NULL : a->lengths != NULL ? shared.dxp : g->d_x;
     if (dirs[0].f.row) {

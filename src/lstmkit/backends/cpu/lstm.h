@@ -290,4 +290,44 @@ typedef struct {
     void *d_param[2][LK_VARIANT_PARAMS];
 } lk_variant_grads;
 
+/* ---- workspaces: carved from one block; a first pass with base NULL only measures ---- */
+
+typedef struct {
+    char *base;
+    size_t used;
+} lk_arena;
+
+static inline void *lk_take(lk_arena *arena, size_t count, size_t size)
+{
+    void *p = arena->base + arena->used;
+    arena->used += (count * size + 63) / 64 * 64;
+    return p;
+}
+
+/* ---- packed rows (lengths): step t's active rows are off[t] .. off[t] + n_t - 1 ---- */
+
+/* off[t] = active rows of the steps before t, so off[T] = R. */
+static inline void lk_fill_offsets(const lk_layer *a, int64_t *off)
+{
+    off[0] = 0;
+    for (int64_t t = 0; t < a->T; t++)
+        off[t + 1] = off[t] + lk_active(a, t);
+}
+
+/* R: the active rows of every step. */
+static inline int64_t lk_packed_rows(const lk_layer *a)
+{
+    int64_t rows = 0;
+    for (int64_t t = 0; t < a->T; t++)
+        rows += lk_active(a, t);
+    return rows;
+}
+
+/* Floating-point operations of a layer's forward pass, for the choice of thread count. */
+static inline double lk_layer_flops(const lk_layer *a)
+{
+    double per_row = 8.0 * a->H * (a->I + a->P) + (a->w[0][LK_W_HR] ? 2.0 * a->H * a->P : 0);
+    return per_row * a->T * a->B * a->D;
+}
+
 #endif

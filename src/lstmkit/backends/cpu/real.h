@@ -239,4 +239,18 @@ static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
     }
 }
 
+/* A workspace's next `count` reals (see lk_arena). */
+#define TAKE(arena, count) ((real *)lk_take(arena, (size_t)(count), sizeof(real)))
+
+/* x packed by steps (rows off[t] + b), for lengths; the padded x itself otherwise. */
+static inline const real *pack_input(const lk_layer *a, const int64_t *off, real *xp)
+{
+    if (a->lengths == NULL)
+        return a->x;
+    for (int64_t t = 0; t < a->T; t++)
+        memcpy(xp + off[t] * a->I, (const real *)a->x + t * a->B * a->I,
+               (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
+    return xp;
+}
+
 #endif

@@ -241,21 +241,6 @@ static void fill_bias(const vdir *w, const lk_variant *v)
     }
 }
 
-/* ---- workspaces: carved from one block; a first pass with base NULL only measures ---- */
-
-typedef struct {
-    char *base;
-    size_t used;
-} arena_t;
-
-static void *take(arena_t *arena, size_t count, size_t size)
-{
-    void *p = arena->base + arena->used;
-    arena->used += (count * size + 63) / 64 * 64;
-    return p;
-}
-#define TAKE(arena, count) ((real *)take(arena, (size_t)(count), sizeof(real)))
-
 static rowbuf buffer(real *base, int64_t ld, int packed)
 {
     rowbuf r = {base, ld, packed};
@@ -263,7 +248,7 @@ static rowbuf buffer(real *base, int64_t ld, int packed)
 }
 
 /* Rows kept (packed) or per step, from the saved block when kept, else from the arena. */
-static rowbuf carve(real **saved, arena_t *arena, int keep, int64_t R, int64_t B, int64_t ld)
+static rowbuf carve(real **saved, lk_arena *arena, int keep, int64_t R, int64_t B, int64_t ld)
 {
     if (keep) {
         rowbuf r = buffer(*saved, ld, 1);
@@ -273,16 +258,8 @@ static rowbuf carve(real **saved, arena_t *arena, int keep, int64_t R, int64_t B
     return buffer(TAKE(arena, B * ld), ld, 0);
 }
 
-static int64_t packed_rows(const lk_layer *a)
-{
-    int64_t rows = 0;
-    for (int64_t t = 0; t < a->T; t++)
-        rows += lk_active(a, t);
-    return rows;
-}
-
 /* The buffers of one direction (see the file comment); `saved` is advanced past its part. */
-static void direction_buffers(vdir *w, real **saved, arena_t *arena)
+static void direction_buffers(vdir *w, real **saved, lk_arena *arena)
 {
     const int64_t R = w->R, B = w->B, keep = w->keep;
     w->bias = TAKE(arena, w->G);
@@ -310,35 +287,10 @@ int64_t SUF(lk_variant_saved_elems)(const lk_layer *a, const lk_variant *v)
     for (int64_t d = 0; d < a->D; d++) {
         vdir w;
         geometry(&w, a, v, d);
-        w.R = packed_rows(a);
+        w.R = lk_packed_rows(a);
         total += saved_elems(&w);
     }
     return total;
-}
-
-/* off[t] = active rows of the steps before t, so off[T] = R. */
-static void fill_offsets(const lk_layer *a, int64_t *off)
-{
-    off[0] = 0;
-    for (int64_t t = 0; t < a->T; t++)
-        off[t + 1] = off[t] + lk_active(a, t);
-}
-
-/* x packed by steps (rows off[t] + b), for lengths; the padded x itself otherwise. */
-static const real *pack_input(const lk_layer *a, const int64_t *off, real *xp)
-{
-    if (a->lengths == NULL)
-        return a->x;
-    for (int64_t t = 0; t < a->T; t++)
-        memcpy(xp + off[t] * a->I, (const real *)a->x + t * a->B * a->I,
-               (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
-    return xp;
-}
-
-static double layer_flops(const lk_layer *a)
-{
-    double per_row = 8.0 * a->H * (a->I + a->P) + (a->w[0][LK_W_HR] ? 2.0 * a->H * a->P : 0);
-    return per_row * a->T * a->B * a->D;
 }
 
 /* A thread's place in the team that runs a direction: work inside a step is split by rows of
@@ -552,8 +504,8 @@ static void forward_direction(void *dir, const team_t *tm)
 
 static size_t forward_workspace(vdir *dirs, const lk_layer *a, char *base)
 {
-    arena_t arena = {base, 0};
-    int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
+    lk_arena arena = {base, 0};
+    int64_t *off = lk_take(&arena, (size_t)a->T + 1, sizeof(int64_t));
     real *xp = a->lengths != NULL ? TAKE(&arena, dirs[0].R * a->I) : NULL;
     real *saved = a->saved;
     for (int64_t d = 0; d < a->D; d++) {
@@ -569,7 +521,7 @@ static size_t forward_workspace(vdir *dirs, const lk_layer *a, char *base)
 int SUF(lk_variant_forward)(const lk_layer *a, const lk_variant *v)
 {
     vdir dirs[2];
-    const int64_t R = packed_rows(a);
+    const int64_t R = lk_packed_rows(a);
     for (int64_t d = 0; d < a->D; d++) {
         geometry(&dirs[d], a, v, d);
         dirs[d].R = R;
@@ -579,13 +531,13 @@ int SUF(lk_variant_forward)(const lk_layer *a, const lk_variant *v)
     if (work == NULL)
         return -1;
     forward_workspace(dirs, a, work);
-    fill_offsets(a, (int64_t *)dirs[0].off);
+    lk_fill_offsets(a, (int64_t *)dirs[0].off);
     const real *xp = pack_input(a, dirs[0].off, (real *)dirs[0].xp);
     for (int64_t d = 0; d < a->D; d++) {
         dirs[d].xp = xp;
         fill_bias(&dirs[d], v + d);
     }
-    const int threads = lk_threads(a, layer_flops(a));
+    const int threads = lk_threads(a, lk_layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     run_teams(forward_direction, dirs, sizeof dirs[0], a->D, threads);
     for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
@@ -870,8 +822,8 @@ static void initial_grads(const vback *w, int threads)
 static size_t backward_workspace(vback *dirs, const lk_layer *a, int threads, char *base,
                                  real **dxp)
 {
-    arena_t arena = {base, 0};
-    int64_t *off = take(&arena, (size_t)a->T + 1, sizeof(int64_t));
+    lk_arena arena = {base, 0};
+    int64_t *off = lk_take(&arena, (size_t)a->T + 1, sizeof(int64_t));
     const int64_t R = dirs[0].f.R, B = a->B;
     real *xp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
     *dxp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
@@ -906,7 +858,7 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
                              const lk_variant_grads *dv)
 {
     vback dirs[2];
-    const int64_t R = packed_rows(a);
+    const int64_t R = lk_packed_rows(a);
     for (int64_t d = 0; d < a->D; d++) {
         memset(&dirs[d], 0, sizeof dirs[d]);
         geometry(&dirs[d].f, a, v, d);
@@ -915,14 +867,14 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         dirs[d].g = g;
         dirs[d].d_param = dv->d_param[d];
     }
-    const int threads = lk_threads(a, 2 * layer_flops(a));
+    const int threads = lk_threads(a, 2 * lk_layer_flops(a));
     real *dxp;
     char *work = lk_workspace(backward_workspace(dirs, a, threads, NULL, &dxp));
     if (work == NULL)
         return -1;
     backward_workspace(dirs, a, threads, work, &dxp);
     const int64_t *off = dirs[0].f.off;
-    fill_offsets(a, (int64_t *)off);
+    lk_fill_offsets(a, (int64_t *)off);
     const real *xp = pack_input(a, off, (real *)dirs[0].f.xp);
     for (int64_t d = 0; d < a->D; d++)
         initial_grads(&dirs[d], threads);
