@@ -1519,13 +1519,8 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         for (int64_t d = 0; d < a->D; d++)
             parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
     }
-    if (dx != NULL && dx != g->d_x) { /* unpack: padded steps get no gradient */
-        const int64_t *off = dirs[0].f.off;
-        memset(g->d_x, 0, (size_t)(a->T * a->B * a->I) * sizeof(real));
-        for (int64_t t = 0; t < a->T; t++)
-            memcpy((real *)g->d_x + t * a->B * a->I, dx + off[t] * a->I,
-                   (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
-    }
+    if (dx != NULL && dx != g->d_x)
+        unpack_input_grad(a, dirs[0].f.off, dx, g->d_x);
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
     free(work);

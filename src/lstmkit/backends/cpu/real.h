@@ -253,4 +253,15 @@ static inline const real *pack_input(const lk_layer *a, const int64_t *off, real
     return xp;
 }
 
+/* The reverse of pack_input for the input's gradient: packed rows dxp into d_x (T, B, I),
+ * zero at padded steps (they get no gradient). */
+static inline void unpack_input_grad(const lk_layer *a, const int64_t *off, const real *dxp,
+                                     void *d_x)
+{
+    memset(d_x, 0, (size_t)(a->T * a->B * a->I) * sizeof(real));
+    for (int64_t t = 0; t < a->T; t++)
+        memcpy((real *)d_x + t * a->B * a->I, dxp + off[t] * a->I,
+               (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
+}
+
 #endif

@@ -897,12 +897,8 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         if (dx != NULL)
             gemm(0, 0, R, I, G, 1, w->dX, G, f->w_ih, I, d == 0 ? 0 : 1, dx, I);
     }
-    if (dx != NULL && dx != g->d_x) { /* unpack: padded steps get no gradient */
-        memset(g->d_x, 0, (size_t)(a->T * a->B * a->I) * sizeof(real));
-        for (int64_t t = 0; t < a->T; t++)
-            memcpy((real *)g->d_x + t * a->B * a->I, dx + off[t] * a->I,
-                   (size_t)((off[t + 1] - off[t]) * a->I) * sizeof(real));
-    }
+    if (dx != NULL && dx != g->d_x)
+        unpack_input_grad(a, off, dx, g->d_x);
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
     free(work);
