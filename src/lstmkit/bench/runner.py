@@ -5,7 +5,8 @@ same state_dict, check the candidate on the configuration's batch (:mod:`lstmkit
 and only if it passes, time both interleaved (:mod:`lstmkit.bench.timing`). Prints a table as
 it goes, then the targets summary, and writes a CSV. Exits non-zero if any check failed.
 
-``--variants`` runs :mod:`lstmkit.bench.variants` instead, with the same options.
+``--variants`` runs :mod:`lstmkit.bench.variants` instead, with the same options; ``--limits``
+runs :mod:`lstmkit.bench.limits`.
 """
 
 from __future__ import annotations
@@ -238,6 +239,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "zoneout, peepholes; comma-separated, default all) next to plain lstmkit and a Python "
         "loop; default configs tagger and encoder (see benchmarks/README.md)",
     )
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="measure what this machine allows instead: one core's FMA rate and cache "
+        "bandwidths, a round trip between two cores, and the autograd floor of a training step "
+        "against torch's (default configs: the latency ones; see benchmarks/README.md)",
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -352,6 +360,15 @@ def run(args: argparse.Namespace) -> int:
         print_grid(grid)
         return 0
     settings = settings_from(args)
+    if args.limits:
+        # Imported here: only this option compiles and loads the probes.
+        from lstmkit.bench import limits
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        chosen = configs if args.config or args.shape else [c for c in grid if c.latency]
+        limits.run(chosen, settings.budget, out=lambda line: print(line, flush=True))
+        return 0
     env = start(args, settings, str(grid_path))
     print(report.FLOP_CONVENTION)
     csv_path = args.csv if args.csv is not None else default_csv(env)

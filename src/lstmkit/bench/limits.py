@@ -1,0 +1,208 @@
+"""``lstmkit bench --limits``: what this machine allows the configs that miss their targets.
+
+Three measurements, each a median of repeats:
+
+- **Reading weights once per step** (``limits.c``'s ``lk_stream_fma``, one core): one FMA per
+  32-byte vector of a buffer held in L1, in L2 or in L3. In L1 this is the core's FMA rate; past
+  it, the bandwidth of the level that holds the buffer. A batch-1 step reads all of ``W_hh``
+  (and ``W_ih`` unless it was applied before the loop) once, so the step cannot be faster
+  than its weight bytes at the rate of the level they sit in.
+- **A round trip between two cores** (``lk_round_trip``): two threads hand a counter back and
+  forth through one cache line. Splitting a step across the two cores costs at least half of
+  it per step, for each core learns when the other's half of h is ready.
+- **The autograd floor** of a training step: ``zero_grad``, a ``torch.autograd.Function`` that
+  takes the module's parameters and returns outputs of the right shapes without computing
+  anything, and backward of the benchmark's loss. Any LSTM differentiated through a Python
+  ``autograd.Function`` pays at least this; timed interleaved with ``torch.nn.LSTM``'s real
+  step, whose time over the floor is the most any such LSTM could be faster.
+
+The C part is compiled on demand into a temporary directory with the compiler the kernels use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import statistics
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import FunctionCtx
+
+import lstmkit
+from lstmkit.backends.cpu import build
+from lstmkit.bench.configs import BenchConfig
+from lstmkit.bench.timing import Budget, time_interleaved
+
+# Buffer sizes for the weight reads: in L1, two in L2 (stream-128's W_hh on one core, 256 KB,
+# and its half on each of two, 128 KB) and one in L3 (stream-512's W_hh, 4 MB).
+STREAM_KB = (16, 128, 256, 4096)
+FLOPS_PER_FMA = 16  # one FMA on eight floats
+REPEATS = 7
+
+
+@dataclass(frozen=True)
+class Stream:
+    """Reading a buffer of ``kb`` KB once per pass, one FMA per vector, on one core."""
+
+    kb: int
+    seconds_per_pass: float
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.kb * 1024 / self.seconds_per_pass / 1e9
+
+    @property
+    def gflops(self) -> float:
+        return self.kb * 1024 / 32 * FLOPS_PER_FMA / self.seconds_per_pass / 1e9
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A training step of a do-nothing autograd Function against torch's, p50 seconds."""
+
+    config: str
+    floor_s: float
+    torch_s: float
+
+    @property
+    def cap(self) -> float:
+        """torch's time over the floor: the highest ratio an autograd.Function LSTM can reach."""
+        return self.torch_s / self.floor_s
+
+
+def compile_probes(directory: Path) -> ctypes.CDLL:
+    """limits.c as a shared library in ``directory``; raises build.BuildError if it cannot."""
+    compiler = build.find_compiler()
+    if compiler is None:
+        raise build.BuildError("no C compiler found (set CC, or install gcc)")
+    source = resources.files("lstmkit.bench").joinpath("limits.c")
+    target = directory / "limits.so"
+    with resources.as_file(source) as path:
+        command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(path)]
+        done = subprocess.run(
+            [*command, "-o", str(target), "-lpthread"], capture_output=True, text=True
+        )
+    if done.returncode != 0:
+        raise build.BuildError(f"{' '.join(command)} failed: {done.stderr.strip()}")
+    library = ctypes.CDLL(str(target))
+    library.lk_stream_fma.restype = ctypes.c_double
+    library.lk_stream_fma.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.POINTER(ctypes.c_float),
+    ]
+    library.lk_round_trip.restype = ctypes.c_double
+    library.lk_round_trip.argtypes = [ctypes.c_int64]
+    return library
+
+
+def stream(library: ctypes.CDLL, kb: int, seconds: float = 0.05) -> Stream:
+    """Median seconds per pass over ``kb`` KB, each repeat lasting about ``seconds``."""
+    buffer = torch.rand(kb * 1024 // 4)
+    sink = ctypes.c_float()
+    address, count = buffer.data_ptr(), buffer.numel()
+    library.lk_stream_fma(address, count, 2, ctypes.byref(sink))  # into the cache
+    once = max(library.lk_stream_fma(address, count, 1, ctypes.byref(sink)), 1e-9)
+    passes = max(1, int(seconds / once))
+    times = [
+        library.lk_stream_fma(address, count, passes, ctypes.byref(sink)) / passes
+        for _ in range(REPEATS)
+    ]
+    return Stream(kb, statistics.median(times))
+
+
+def round_trip(library: ctypes.CDLL, trips: int = 20000) -> float | None:
+    """Median seconds per round trip between two threads; None if a thread cannot start."""
+    times = [library.lk_round_trip(trips) for _ in range(REPEATS)]
+    if min(times) < 0:
+        return None
+    return statistics.median(times)
+
+
+class _Nothing(torch.autograd.Function):
+    """``apply(shapes, x, *params)`` -> empty tensors of ``shapes``; gradients for x and every
+    parameter, empty as well. An LSTM's autograd plumbing, with no LSTM in it."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx, shapes: tuple[tuple[int, ...], ...], x: Tensor, *params: Tensor
+    ) -> tuple[Tensor, ...]:
+        ctx.save_for_backward(x, *params)
+        return tuple(x.new_empty(shape) for shape in shapes)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, *grads: Tensor) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        return None, *(torch.empty_like(t) if t.requires_grad else None for t in saved)
+
+
+def floor(config: BenchConfig, budget: Budget) -> Floor:
+    """The autograd floor of ``config``'s training step, timed interleaved with torch's step
+    on the same (dense) batch."""
+    torch.manual_seed(0)
+    oracle = nn.LSTM(**config.lstm_kwargs())
+    module = lstmkit.LSTM(**config.lstm_kwargs())
+    params = list(module.parameters())
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(config.seq_len, config.batch, config.input_size, generator=generator)
+    rows = config.num_layers * (2 if config.bidirectional else 1)
+    h_out = config.proj_size or config.hidden_size
+    shapes = (
+        (config.seq_len, config.batch, h_out * rows // config.num_layers),
+        (rows, config.batch, h_out),
+        (rows, config.batch, config.hidden_size),
+    )
+
+    def nothing() -> None:
+        module.zero_grad(set_to_none=True)
+        out, h_n, c_n = _Nothing.apply(shapes, x, *params)
+        (out.sum() + h_n.sum() + c_n.sum()).backward()
+
+    def torch_step() -> None:
+        oracle.zero_grad(set_to_none=True)
+        out, (h_n, c_n) = oracle(x)
+        (out.sum() + h_n.sum() + c_n.sum()).backward()
+
+    oracle.train()
+    timings = time_interleaved({"floor": nothing, "torch": torch_step}, budget)
+    return Floor(config.name, timings["floor"].p50, timings["torch"].p50)
+
+
+def measure(configs: list[BenchConfig], budget: Budget) -> Iterator[str]:
+    """The report, line by line, as each measurement finishes."""
+    yield "one core, one FMA per 32-byte vector read (limits.c), median of 7 repeats:"
+    try:
+        with tempfile.TemporaryDirectory(prefix="lstmkit-limits-") as directory:
+            library = compile_probes(Path(directory))
+            for kb in STREAM_KB:
+                s = stream(library, kb)
+                yield (
+                    f"  {kb:>5} KB buffer: {s.gb_per_s:6.1f} GB/s = {s.gflops:5.1f} GFLOP/s, "
+                    f"{s.seconds_per_pass * 1e6:8.2f} us per pass"
+                )
+            trip = round_trip(library)
+            if trip is None:
+                yield "two threads: the second thread could not start"
+            else:
+                yield f"round trip between two threads through one cache line: {trip * 1e9:.0f} ns"
+    except build.BuildError as error:
+        yield f"  not measured: {error}"
+    for config in configs:
+        f = floor(config, budget)
+        yield (
+            f"autograd floor, {f.config} training step: {f.floor_s * 1e3:.3f} ms; torch.nn.LSTM "
+            f"{f.torch_s * 1e3:.3f} ms; at most {f.cap:.2f}x for any LSTM behind an "
+            "autograd.Function"
+        )
+
+
+def run(configs: list[BenchConfig], budget: Budget, out: Callable[[str], None]) -> None:
+    for line in measure(configs, budget):
+        out(line)
