@@ -42,6 +42,7 @@ def test_floor_function_gives_outputs_and_gradients_of_the_right_shapes() -> Non
 def test_floor_runs_the_configs_shapes() -> None:
     f = limits.floor(TINY_BI, TWO_SAMPLES)
     assert f.config == "tiny-bi" and f.floor_s > 0 and f.torch_s > 0
+    assert f.one_step_s > 0 and f.torch_inference_s > 0
     assert f.cap == pytest.approx(f.torch_s / f.floor_s)
 
 
@@ -51,4 +52,21 @@ def test_cli_limits_reports_every_probe(capsys: pytest.CaptureFixture[str]) -> N
     for kb in limits.STREAM_KB:
         assert f"{kb:>5} KB buffer:" in out
     assert "round trip between two threads" in out
-    assert "autograd floor, 4,3,5,6,bi training step:" in out
+    assert "4,3,5,6,bi training: autograd floor" in out
+    assert "4,3,5,6,bi inference: lstmkit on one step" in out
+
+
+def test_step_bound_reads_w_hh_at_the_rate_of_the_level_that_holds_it() -> None:
+    l1, l2 = limits.Stream(24, 24 * 1024 / 100e9), limits.Stream(256, 256 * 1024 / 50e9)
+    streams = {24: l1, 256: l2}
+    sensor = BenchConfig("sensor", 1000, 1, 8, 32)  # W_hh 4*4*32*32 = 16 KB: in the 24 KB level
+    bound = limits.step_bound(sensor, streams, trip=100e-9)
+    assert bound is not None and bound.w_hh_bytes == 16 * 1024
+    assert bound.one_core_s == pytest.approx(16 * 1024 / 100e9)
+    assert bound.two_cores_s == pytest.approx(8 * 1024 / 100e9 + 50e-9)
+    assert bound.step_s == min(bound.one_core_s, bound.two_cores_s)
+    assert bound.projection_s == pytest.approx(8 * 32 * 8 * 1000 / (2 * l1.gflops * 1e9))
+    big = BenchConfig("big", 10, 1, 8, 128)  # 256 KB: the 256 KB level, halves too
+    assert limits.step_bound(big, streams, None).one_core_s == pytest.approx(256 * 1024 / 50e9)
+    assert limits.step_bound(big, streams, None).two_cores_s is None
+    assert limits.step_bound(TINY_BI, streams, trip=None) is None

@@ -5,11 +5,14 @@ Three measurements, each a median of repeats:
 - **Reading weights once per step** (``limits.c``'s ``lk_stream_fma``, one core): one FMA per
   32-byte vector of a buffer held in L1, in L2 or in L3. In L1 this is the core's FMA rate; past
   it, the bandwidth of the level that holds the buffer. A batch-1 step reads all of ``W_hh``
-  (and ``W_ih`` unless it was applied before the loop) once, so the step cannot be faster
-  than its weight bytes at the rate of the level they sit in.
+  once, so the step cannot be faster than those bytes at the rate of the level they sit in
+  (:func:`step_bound`; ``x W_ih^T`` for all steps at most runs at both cores' FMA rate).
 - **A round trip between two cores** (``lk_round_trip``): two threads hand a counter back and
   forth through one cache line. Splitting a step across the two cores costs at least half of
   it per step, for each core learns when the other's half of h is ready.
+- **Fixed costs.** lstmkit's inference call on one step of the config's batch: what a call
+  costs besides its steps. With the step bound above, ``fixed + L x step`` bounds a batch-1
+  call from below.
 - **The autograd floor** of a training step: ``zero_grad``, a ``torch.autograd.Function`` that
   takes the module's parameters and returns outputs of the right shapes without computing
   anything, and backward of the benchmark's loss. Any LSTM differentiated through a Python
@@ -39,9 +42,9 @@ from lstmkit.backends.cpu import build
 from lstmkit.bench.configs import BenchConfig
 from lstmkit.bench.timing import Budget, time_interleaved
 
-# Buffer sizes for the weight reads: in L1, two in L2 (stream-128's W_hh on one core, 256 KB,
-# and its half on each of two, 128 KB) and one in L3 (stream-512's W_hh, 4 MB).
-STREAM_KB = (16, 128, 256, 4096)
+# Buffer sizes for the weight reads: in L1 (32 KB here), two in L2 (stream-128's W_hh on one
+# core, 256 KB, and its half on each of two, 128 KB) and one in L3 (stream-512's W_hh, 4 MB).
+STREAM_KB = (24, 128, 256, 4096)
 FLOPS_PER_FMA = 16  # one FMA on eight floats
 REPEATS = 7
 
@@ -64,11 +67,14 @@ class Stream:
 
 @dataclass(frozen=True)
 class Floor:
-    """A training step of a do-nothing autograd Function against torch's, p50 seconds."""
+    """p50 seconds: a training step of a do-nothing autograd Function against torch's, and an
+    lstmkit inference call of one step (its fixed cost per call) against torch's whole call."""
 
     config: str
     floor_s: float
     torch_s: float
+    one_step_s: float
+    torch_inference_s: float
 
     @property
     def cap(self) -> float:
@@ -144,11 +150,12 @@ class _Nothing(torch.autograd.Function):
 
 
 def floor(config: BenchConfig, budget: Budget) -> Floor:
-    """The autograd floor of ``config``'s training step, timed interleaved with torch's step
-    on the same (dense) batch."""
+    """The autograd floor of ``config``'s training step and lstmkit's fixed cost of an inference
+    call, each timed interleaved with torch on the (dense) batch."""
     torch.manual_seed(0)
     oracle = nn.LSTM(**config.lstm_kwargs())
     module = lstmkit.LSTM(**config.lstm_kwargs())
+    module.load_state_dict(oracle.state_dict())
     params = list(module.parameters())
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(config.seq_len, config.batch, config.input_size, generator=generator)
@@ -170,19 +177,71 @@ def floor(config: BenchConfig, budget: Budget) -> Floor:
         out, (h_n, c_n) = oracle(x)
         (out.sum() + h_n.sum() + c_n.sum()).backward()
 
-    oracle.train()
-    timings = time_interleaved({"floor": nothing, "torch": torch_step}, budget)
-    return Floor(config.name, timings["floor"].p50, timings["torch"].p50)
+    train = time_interleaved({"floor": nothing, "torch": torch_step}, budget)
+    module.eval()
+    oracle.eval()
+    one_step = x[:1]
+    with torch.no_grad():
+        infer = time_interleaved(
+            {"one step": lambda: module(one_step), "torch": lambda: oracle(x)}, budget
+        )
+    return Floor(
+        config.name,
+        train["floor"].p50,
+        train["torch"].p50,
+        infer["one step"].p50,
+        infer["torch"].p50,
+    )
+
+
+@dataclass(frozen=True)
+class StepBound:
+    """Lower bounds for a one-layer, one-direction batch-1 call: a step reads W_hh once, from
+    the cache level that holds it, on one core or split over two (half the bytes each, plus half
+    a round trip); x W_ih^T for all steps runs at both cores' FMA rate (from L1)."""
+
+    w_hh_bytes: int
+    one_core_s: float
+    two_cores_s: float | None
+    projection_s: float
+
+    @property
+    def step_s(self) -> float:
+        return (
+            self.one_core_s if self.two_cores_s is None else min(self.one_core_s, self.two_cores_s)
+        )
+
+
+def step_bound(
+    config: BenchConfig, streams: dict[int, Stream], trip: float | None
+) -> StepBound | None:
+    """The bounds of ``config`` (fp32) from the measured rates; None unless it is a one-layer,
+    one-direction batch-1 config without proj_size."""
+    if config.batch != 1 or config.num_layers != 1 or config.bidirectional or config.proj_size:
+        return None
+    w_hh_bytes = 4 * 4 * config.hidden_size * config.hidden_size
+
+    def rate(nbytes: float) -> float:  # bytes/s of the smallest probed buffer that holds them
+        fits = [kb for kb in sorted(streams) if kb * 1024 >= nbytes] or [max(streams)]
+        return streams[fits[0]].gb_per_s * 1e9
+
+    one = w_hh_bytes / rate(w_hh_bytes)
+    two = None if trip is None else w_hh_bytes / 2 / rate(w_hh_bytes / 2) + trip / 2
+    fma_flops = 2 * streams[min(streams)].gflops * 1e9
+    projection = 8 * config.hidden_size * config.input_size * config.seq_len / fma_flops
+    return StepBound(w_hh_bytes, one, two, projection)
 
 
 def measure(configs: list[BenchConfig], budget: Budget) -> Iterator[str]:
     """The report, line by line, as each measurement finishes."""
     yield "one core, one FMA per 32-byte vector read (limits.c), median of 7 repeats:"
+    streams: dict[int, Stream] = {}
+    trip = None
     try:
         with tempfile.TemporaryDirectory(prefix="lstmkit-limits-") as directory:
             library = compile_probes(Path(directory))
             for kb in STREAM_KB:
-                s = stream(library, kb)
+                s = streams[kb] = stream(library, kb)
                 yield (
                     f"  {kb:>5} KB buffer: {s.gb_per_s:6.1f} GB/s = {s.gflops:5.1f} GFLOP/s, "
                     f"{s.seconds_per_pass * 1e6:8.2f} us per pass"
@@ -196,10 +255,26 @@ def measure(configs: list[BenchConfig], budget: Budget) -> Iterator[str]:
         yield f"  not measured: {error}"
     for config in configs:
         f = floor(config, budget)
+        bound = step_bound(config, streams, trip) if streams else None
+        if bound is not None:
+            two = "" if bound.two_cores_s is None else f", two cores {bound.two_cores_s * 1e6:.2f}"
+            least = f.one_step_s + config.seq_len * bound.step_s + bound.projection_s
+            yield (
+                f"{config.name}: a step reads {bound.w_hh_bytes / 1024:.0f} KB of W_hh: at least "
+                f"one core {bound.one_core_s * 1e6:.2f}{two} us per step before any gate math; "
+                f"x W_ih^T at least {bound.projection_s * 1e3:.3f} ms; with the fixed cost "
+                f"below, an inference call takes at least {least * 1e3:.3f} ms: "
+                f"{f.torch_inference_s / least:.2f}x torch's at most"
+            )
         yield (
-            f"autograd floor, {f.config} training step: {f.floor_s * 1e3:.3f} ms; torch.nn.LSTM "
-            f"{f.torch_s * 1e3:.3f} ms; at most {f.cap:.2f}x for any LSTM behind an "
+            f"{f.config} training: autograd floor {f.floor_s * 1e3:.3f} ms, torch.nn.LSTM "
+            f"{f.torch_s * 1e3:.3f} ms: at most {f.cap:.2f}x for any LSTM behind an "
             "autograd.Function"
+        )
+        yield (
+            f"{f.config} inference: lstmkit on one step {f.one_step_s * 1e3:.3f} ms (its fixed "
+            f"cost per call), torch.nn.LSTM on all {config.seq_len} "
+            f"{f.torch_inference_s * 1e3:.3f} ms"
         )
 
 
