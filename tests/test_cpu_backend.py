@@ -126,6 +126,51 @@ def test_matches_reference(layer: Layer, dtype: torch.dtype) -> None:
     run_both(layer, dtype)
 
 
+def poison_workspace(dtype: torch.dtype) -> None:
+    """A forward and backward on NaN inputs big enough for a 2 MB-page workspace: the
+    workspace the process keeps for the next call (lk_workspace_give) is left full of NaN."""
+    module = lstmkit.LSTM(64, 256, bidirectional=True, dtype=dtype)
+    x = torch.full((60, 24, 64), float("nan"), dtype=dtype, requires_grad=True)
+    out, (h, c) = module(x)
+    (out.sum() + h.sum() + c.sum()).backward()
+    assert torch.isnan(out).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize(
+    "name", ["tiny", "lengths-proj-cells", "batch-1-fused", "batch-1-pair", "threads-proj"]
+)
+def test_kept_workspace_does_not_leak_into_the_next_call(name: str, dtype: torch.dtype) -> None:
+    """Workspaces are reused between calls, never cleared: nothing may read what an earlier
+    call left there."""
+    poison_workspace(dtype)
+    run_both(BY_NAME[name], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def test_kept_workspace_does_not_leak_into_variant_calls(
+    dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for variant.c: layer norm and peepholes after a poisoned workspace."""
+    torch.manual_seed(0)
+    module = lstmkit.LSTM(6, 10, 2, bidirectional=True, layer_norm=True, peepholes=True)
+    module = module.to(dtype)
+    x = torch.randn(7, 5, 6, dtype=dtype, requires_grad=True)
+
+    def run(backend: str) -> list[Tensor]:
+        monkeypatch.setenv(backends.BACKEND_ENV, backend)
+        out, (h, c) = module(x)
+        seeds = [
+            torch.randn_like(t, generator=torch.Generator().manual_seed(1)) for t in (out, h, c)
+        ]
+        return [out, h, c, *torch.autograd.grad((out, h, c), [x, *module.parameters()], seeds)]
+
+    expected = run("reference")
+    poison_workspace(dtype)
+    for k, (a, e) in enumerate(zip(run("cpu"), expected)):
+        assert_close(a, e, f"result {k}", "value" if k < 3 else "grad")
+
+
 @pytest.fixture
 def builtin_gemm():
     """The kernels' own GEMM loop instead of the BLAS, for one test."""

@@ -201,6 +201,26 @@ static void pack_small(const dir_t *w, real *wt)
         }
 }
 
+/* dst[k ld_dst + v] = src[v ld_src + k] for k < K, v < V; zero for v >= lanes: V rows of src
+ * (`lanes` of them real) written as K vectors. By tiles of V x V through L1, so that every
+ * load and store is a whole vector, not one scattered element. */
+static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64_t K, real *dst,
+                           int64_t ld_dst)
+{
+    for (int64_t k0 = 0; k0 < K; k0 += V) {
+        const int64_t n = min64(V, K - k0);
+        real tile[V][V];
+        for (int64_t v = 0; v < V; v++)
+            vstore(tile[v], v < lanes ? vload_n(src + v * ld_src + k0, n) : splat(0));
+        for (int64_t j = 0; j < n; j++) {
+            vec column;
+            for (int64_t v = 0; v < V; v++)
+                column[v] = tile[v][j];
+            vstore(dst + (k0 + j) * ld_dst, column);
+        }
+    }
+}
+
 static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *wp)
 {
     const lk_layer *a = w->a;
@@ -212,17 +232,17 @@ static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *w
         bias[col] = r < 0 ? 0 : (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
         if (w->row) /* reads torch's weights as they are, or wt */
             continue;
-        real *panel_col = wr + panel_at(col / W, w->P, 0, col % W);
-        if (r < 0) {
+        if (r < 0)
             memset(wx + col * w->I, 0, (size_t)w->I * sizeof(real));
-            for (int64_t k = 0; k < w->P; k++)
-                panel_col[k * 2 * V] = 0;
-            continue;
-        }
-        memcpy(wx + col * w->I, w_ih + r * w->I, (size_t)w->I * sizeof(real));
-        for (int64_t k = 0; k < w->P; k++)
-            panel_col[k * 2 * V] = w_hh[r * w->P + k];
+        else
+            memcpy(wx + col * w->I, w_ih + r * w->I, (size_t)w->I * sizeof(real));
     }
+    /* W_hh^T into the panels: the V columns of gate q of unit block blk are V consecutive rows
+     * of torch's W_hh, and V consecutive columns of a panel half */
+    for (int64_t blk = 0; blk < w->Hb && !w->row; blk++)
+        for (int q = 0; q < 4; q++)
+            transpose_rows(w_hh + (q * w->H + blk * V) * w->P, w->P, clamp_lanes(w->H - blk * V),
+                           w->P, wr + panel_at(blk, w->P, 0, q * V), 2 * V);
     if (!w->proj)
         return;
     for (int64_t pb = 0; pb < w->Pb; pb++)
@@ -241,10 +261,13 @@ static void pack_backward(const dir_t *w, real *ub, real *wrb)
     const real *w_hh = a->w[w->d][LK_W_HH], *w_hr = a->w[w->d][LK_W_HR];
     for (int64_t pb = 0; pb < w->Pb; pb++)
         for (int64_t col = 0; col < w->Gp; col++) {
-            int64_t r = torch_row(w, col);
-            for (int64_t c = 0; c < W; c++) {
-                int64_t p = pb * W + c;
-                ub[panel_at(pb, w->Gp, col, c)] = r >= 0 && p < w->P ? w_hh[r * w->P + p] : 0;
+            const int64_t r = torch_row(w, col);
+            for (int64_t c = 0; c < W; c += 2 * V) { /* a panel half: 2V contiguous columns */
+                const int64_t p = pb * W + c, n = r < 0 ? 0 : min64(2 * V, w->P - p);
+                real *dst = ub + panel_at(pb, w->Gp, col, c);
+                if (n > 0)
+                    memcpy(dst, w_hh + r * w->P + p, (size_t)n * sizeof(real));
+                memset(dst + (n > 0 ? n : 0), 0, (size_t)(2 * V - (n > 0 ? n : 0)) * sizeof(real));
             }
         }
     if (!w->proj)
@@ -840,9 +863,10 @@ int SUF(lk_forward)(const lk_layer *a)
         dirs[d].pair = a->D == 1 && dirs[d].row && !dirs[d].small && max_threads(a) >= 2;
     }
     const int64_t R = lk_packed_rows(a);
-    char *work = lk_workspace(forward_workspace(dirs, a, R, NULL));
-    if (work == NULL)
+    lk_block *block = lk_workspace_take(forward_workspace(dirs, a, R, NULL));
+    if (block == NULL)
         return -1;
+    char *work = block->p;
     const size_t TB = (size_t)(a->T * a->B) * sizeof(real);
     lk_advise_huge(a->out, TB * a->D * a->P);
     lk_advise_huge(a->cells, TB * a->D * a->H);
@@ -880,7 +904,7 @@ int SUF(lk_forward)(const lk_layer *a)
     }
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
-    free(work);
+    lk_workspace_give(block);
     return 0;
 }
 
@@ -1473,9 +1497,10 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         dirs[d].g = g;
     }
     const int64_t R = lk_packed_rows(a);
-    char *work = lk_workspace(backward_workspace(dirs, a, R, NULL, &shared));
-    if (work == NULL)
+    lk_block *block = lk_workspace_take(backward_workspace(dirs, a, R, NULL, &shared));
+    if (block == NULL)
         return -1;
+    char *work = block->p;
     lk_advise_huge(g->d_x, (size_t)(a->T * a->B * a->I) * sizeof(real));
     for (int64_t d = 0; d < a->D; d++) {
         lk_advise_huge(g->d_w[d][LK_W_IH], (size_t)(4 * a->H * a->I) * sizeof(real));
@@ -1523,7 +1548,7 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
         unpack_input_grad(a, dirs[0].f.off, dx, g->d_x);
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
-    free(work);
+    lk_workspace_give(block);
     return 0;
 }
 

@@ -20,6 +20,56 @@ int lk_grads_bytes(void) { return (int)sizeof(lk_grads); }
 int lk_variant_bytes(void) { return (int)sizeof(lk_variant); }
 int lk_variant_grads_bytes(void) { return (int)sizeof(lk_variant_grads); }
 
+/* ---- workspaces (see lk_workspace_take in lstm.h) ---- */
+
+static _Atomic(lk_block *) kept_block;
+
+static void block_free(lk_block *block)
+{
+    if (block != NULL) {
+        free(block->p);
+        free(block);
+    }
+}
+
+lk_block *lk_workspace_take(size_t bytes)
+{
+    lk_block *block = atomic_exchange(&kept_block, NULL);
+    if (block != NULL && block->bytes >= bytes)
+        return block;
+    block_free(block); /* too small: the new one, bigger, is kept after this call */
+    block = malloc(sizeof *block);
+    if (block == NULL)
+        return NULL;
+    if (bytes < 2 * LK_HUGE_PAGE) {
+        block->bytes = bytes + 64;
+        block->p = malloc(block->bytes);
+    } else {
+        block->bytes = (bytes + LK_HUGE_PAGE - 1) & ~(LK_HUGE_PAGE - 1);
+        block->p = aligned_alloc(LK_HUGE_PAGE, block->bytes);
+        lk_advise_huge(block->p, block->bytes);
+    }
+    if (block->p == NULL) {
+        free(block);
+        return NULL;
+    }
+    return block;
+}
+
+void lk_workspace_give(lk_block *block)
+{
+    if (block->bytes > LK_KEEP_BYTES) {
+        block_free(block);
+        return;
+    }
+    /* Each exchange hands over whatever was kept, which nobody else uses: keep the bigger of
+     * this block and the one kept, free the other (or what another call gave back meanwhile). */
+    lk_block *other = atomic_exchange(&kept_block, block);
+    if (other != NULL && other->bytes > block->bytes)
+        other = atomic_exchange(&kept_block, other);
+    block_free(other);
+}
+
 /* ---- the pair's helper thread (see lk_pair_run in lstm.h) ----
  * One job at a time: the caller posts it (state POSTED); the helper takes it (TAKEN) and, when
  * fn returns, gives the state back (IDLE). A caller that finishes first withdraws a job nobody

@@ -527,9 +527,10 @@ int SUF(lk_variant_forward)(const lk_layer *a, const lk_variant *v)
         dirs[d].R = R;
         dirs[d].keep = a->saved != NULL;
     }
-    char *work = lk_workspace(forward_workspace(dirs, a, NULL));
-    if (work == NULL)
+    lk_block *block = lk_workspace_take(forward_workspace(dirs, a, NULL));
+    if (block == NULL)
         return -1;
+    char *work = block->p;
     forward_workspace(dirs, a, work);
     lk_fill_offsets(a, (int64_t *)dirs[0].off);
     const real *xp = pack_input(a, dirs[0].off, (real *)dirs[0].xp);
@@ -553,7 +554,7 @@ int SUF(lk_variant_forward)(const lk_layer *a, const lk_variant *v)
     }
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
-    free(work);
+    lk_workspace_give(block);
     return 0;
 }
 
@@ -869,9 +870,10 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
     }
     const int threads = lk_threads(a, 2 * lk_layer_flops(a));
     real *dxp;
-    char *work = lk_workspace(backward_workspace(dirs, a, threads, NULL, &dxp));
-    if (work == NULL)
+    lk_block *block = lk_workspace_take(backward_workspace(dirs, a, threads, NULL, &dxp));
+    if (block == NULL)
         return -1;
+    char *work = block->p;
     backward_workspace(dirs, a, threads, work, &dxp);
     const int64_t *off = dirs[0].f.off;
     lk_fill_offsets(a, (int64_t *)off);
@@ -901,6 +903,6 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         unpack_input_grad(a, off, dx, g->d_x);
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
-    free(work);
+    lk_workspace_give(block);
     return 0;
 }
