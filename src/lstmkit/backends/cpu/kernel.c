@@ -12,14 +12,16 @@
  * never written to a user-visible tensor. Weight gradients come out in this order and are
  * permuted back to torch's (i, f, g, o) rows at the end.
  *
- * Forward, per direction: the input projection x W_ih^T for all steps is one GEMM (BLAS) before
- * the loop, into G (R, Gp, see below); the bias b_ih + b_hh is added when a tile is loaded. Each
- * step adds h_{t-1} W_hh^T block by block: register tiles of 6 rows x 2 vectors (AVX2's
- * FMA-bound shape; one row takes 1 x 4) walk a weight panel in passes of 64 KB that stay in
- * L2, and write the pre-activations back to G, where the gate update of that block reads them
- * while they are still in L1. With proj_size a second product h = m W_hr^T follows, split by
- * columns of P. Weights are packed on every call (a copy of each weight: small next to the
- * work of a call, and nothing can go stale).
+ * Forward, per direction and step, block by block: b_ih + b_hh + x_t W_ih^T + h_{t-1} W_hh^T,
+ * by register tiles of 6 rows x 2 vectors (AVX2's FMA-bound shape; one row takes 1 x 4) that
+ * walk the block's panel of W_ih^T, then of W_hh^T, in passes of 64 KB that stay in L2, and
+ * write the pre-activations to G, where the gate update of that block reads them while they are
+ * still in L1. The input projection thus runs inside the step, on the thread that owns the block,
+ * with no separate GEMM and no buffer of every step's pre-activations (inference keeps one
+ * step's, G (B, Gp); training keeps every step's activated gates, G (R, Gp)). With proj_size a
+ * second product h = m W_hr^T follows, split by columns of P. Weights are packed on every call
+ * (a copy of each weight, by vector tiles: small next to the work of a call, and nothing can go
+ * stale).
  *
  * Batch 1 (B = 1, no proj_size: the latency shapes) skips the panels: a step is a matrix-vector
  * product, bound by reading W_hh (from L1 when small, else L2), by its chain of dependent FMAs
@@ -94,14 +96,16 @@ typedef struct {
     const real *x, *h0, *c0;
     const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
     real *out, *cells, *ring; /* ring: (2, B, H) last two cell states when cells is NULL */
-    real *G;                  /* (R, Gp) gates, packed: input projection, then activations */
+    real *G;                  /* gates: pre-activations, then activations; (R, Gp), packed, when
+                                 kept for backward, else (B, Gp) for one step */
     real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
     real *pre;                /* row without fuse: (R, G) x W_ih^T in torch's gate order */
     real *wt;                 /* small: (I + P, Gp) [W_ih W_hh]^T, permuted columns */
     real *scratch;            /* row: each rank's output of BLAS calls (see lk_items) */
     const real *w_ih, *w_hh;  /* torch's weights, as given */
     /* forward weights, packed */
-    real *wx;   /* (Gp, I) permuted rows of W_ih */
+    real *wi;   /* W_ih^T panels of I rows, one per unit block (see panel_at) */
+    real *wx;   /* backward: (Gp, I) permuted rows of W_ih, for dx = dA W_ih */
     real *bias; /* (Gp) b_ih + b_hh */
     real *wr;   /* W_hh^T panels of P rows, one per unit block (see panel_at) */
     real *wp;   /* proj: W_hr^T panels of Hp rows, one per W columns of P */
@@ -117,7 +121,10 @@ static real *cell_row(const dir_t *w, int64_t t, int64_t b)
         return w->cells + (t * w->B + b) * w->D * w->H + w->d * w->H;
     return w->ring + ((t & 1) * w->B + b) * w->H;
 }
-static real *gate_row(const dir_t *w, int64_t t, int64_t b) { return w->G + (w->off[t] + b) * w->Gp; }
+static real *gate_row(const dir_t *w, int64_t t, int64_t b)
+{
+    return w->G + ((w->keep ? w->off[t] : 0) + b) * w->Gp;
+}
 static real *m_row(const dir_t *w, int64_t t, int64_t b)
 {
     return w->m + (w->keep ? w->off[t] + b : b) * w->Hp;
@@ -221,7 +228,7 @@ static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64
     }
 }
 
-static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *wp)
+static void pack_forward(const dir_t *w, real *wi, real *bias, real *wr, real *wp)
 {
     const lk_layer *a = w->a;
     const real *w_ih = a->w[w->d][LK_W_IH], *w_hh = a->w[w->d][LK_W_HH];
@@ -230,19 +237,18 @@ static void pack_forward(const dir_t *w, real *wx, real *bias, real *wr, real *w
     for (int64_t col = 0; col < w->Gp; col++) {
         int64_t r = torch_row(w, col);
         bias[col] = r < 0 ? 0 : (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
-        if (w->row) /* reads torch's weights as they are, or wt */
-            continue;
-        if (r < 0)
-            memset(wx + col * w->I, 0, (size_t)w->I * sizeof(real));
-        else
-            memcpy(wx + col * w->I, w_ih + r * w->I, (size_t)w->I * sizeof(real));
     }
-    /* W_hh^T into the panels: the V columns of gate q of unit block blk are V consecutive rows
-     * of torch's W_hh, and V consecutive columns of a panel half */
+    /* W_ih^T and W_hh^T into panels (the row path reads torch's weights as they are, or wt): the
+     * V columns of gate q of unit block blk are V consecutive rows of torch's weight, and V
+     * consecutive columns of a panel half */
     for (int64_t blk = 0; blk < w->Hb && !w->row; blk++)
-        for (int q = 0; q < 4; q++)
-            transpose_rows(w_hh + (q * w->H + blk * V) * w->P, w->P, clamp_lanes(w->H - blk * V),
-                           w->P, wr + panel_at(blk, w->P, 0, q * V), 2 * V);
+        for (int q = 0; q < 4; q++) {
+            const int64_t row = q * w->H + blk * V, lanes = clamp_lanes(w->H - blk * V);
+            transpose_rows(w_ih + row * w->I, w->I, lanes, w->I,
+                           wi + panel_at(blk, w->I, 0, q * V), 2 * V);
+            transpose_rows(w_hh + row * w->P, w->P, lanes, w->P,
+                           wr + panel_at(blk, w->P, 0, q * V), 2 * V);
+        }
     if (!w->proj)
         return;
     for (int64_t pb = 0; pb < w->Pb; pb++)
@@ -618,10 +624,14 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
             else
                 row_blocks_1(w, &st, blk);
         }
+        /* x_t: the packed input's rows of step t */
+        const rows_t x = rows((real *)w->xp + w->off[st.t] * w->I, w->I), none = rows(NULL, 0);
         for (int64_t blk = b0; blk < b1 && !w->row; blk++) {
+            const panel_t pi = packed_panel(w->wi, blk, w->I, W);
             const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
-            panel_rows(st.n, w->P, &h, &p, &g, w->bias + blk * W, &g);
+            panel_rows(st.n, w->I, &x, &pi, &none, w->bias + blk * W, &g);
+            panel_rows(st.n, w->P, &h, &p, &g, NULL, &g);
             gate_update(w, &st, blk);
         }
         for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */
@@ -865,7 +875,7 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
         dir_t *w = &dirs[d];
         w->off = off;
         w->xp = xp;
-        w->wx = w->row ? NULL : TAKE(&arena, w->Gp * w->I);
+        w->wi = w->row ? NULL : TAKE(&arena, w->Hb * w->I * W);
         w->bias = TAKE(&arena, w->Gp);
         w->wr = w->row ? NULL : TAKE(&arena, w->Hb * w->P * W);
         w->wp = w->proj ? TAKE(&arena, w->Pb * w->Hp * W) : NULL;
@@ -877,7 +887,7 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
             w->m = w->proj ? saved + R * w->Gp : NULL;
             saved += R * (w->Gp + (w->proj ? w->Hp : 0));
         } else {
-            w->G = w->row ? NULL : TAKE(&arena, R * w->Gp);
+            w->G = w->row ? NULL : TAKE(&arena, a->B * w->Gp);
             w->m = w->proj ? TAKE(&arena, a->B * w->Hp) : NULL;
         }
         w->ring = a->cells == NULL && !w->pair ? TAKE(&arena, 2 * a->B * a->H) : NULL;
@@ -914,12 +924,9 @@ int SUF(lk_forward)(const lk_layer *a)
     for (int64_t d = 0; d < a->D; d++) {
         dir_t *w = &dirs[d];
         w->xp = xp;
-        pack_forward(w, w->wx, w->bias, w->wr, w->wp);
+        pack_forward(w, w->wi, w->bias, w->wr, w->wp);
         if (w->small)
             pack_small(w, w->wt);
-        /* the input projection of every step, one GEMM: G = x W_ih^T (bias added per tile) */
-        if (!w->row)
-            gemm(0, 1, R, w->Gp, a->I, 1, xp, a->I, w->wx, a->I, 0, w->G, w->Gp);
     }
     if (dirs[0].pair)
         row_forward(&dirs[0]);
