@@ -228,34 +228,34 @@ static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64
     }
 }
 
-static void pack_forward(const dir_t *w, real *wi, real *bias, real *wr, real *wp)
+/* The forward weights of unit blocks [b0, b1) and of W columns of P [p0, p1): the bias, and on
+ * the panel path W_ih^T and W_hh^T (and W_hr^T) into panels. Each thread of a team packs what
+ * it owns, which is all it reads (the row path reads torch's weights as they are, or wt). */
+static void pack_forward(const dir_t *w, int64_t b0, int64_t b1, int64_t p0, int64_t p1)
 {
     const lk_layer *a = w->a;
     const real *w_ih = a->w[w->d][LK_W_IH], *w_hh = a->w[w->d][LK_W_HH];
     const real *b_ih = a->w[w->d][LK_B_IH], *b_hh = a->w[w->d][LK_B_HH];
     const real *w_hr = a->w[w->d][LK_W_HR];
-    for (int64_t col = 0; col < w->Gp; col++) {
+    for (int64_t col = b0 * W; col < b1 * W; col++) {
         int64_t r = torch_row(w, col);
-        bias[col] = r < 0 ? 0 : (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
+        w->bias[col] = r < 0 ? 0 : (b_ih ? b_ih[r] : 0) + (b_hh ? b_hh[r] : 0);
     }
-    /* W_ih^T and W_hh^T into panels (the row path reads torch's weights as they are, or wt): the
-     * V columns of gate q of unit block blk are V consecutive rows of torch's weight, and V
+    /* the V columns of gate q of unit block blk are V consecutive rows of torch's weight, and V
      * consecutive columns of a panel half */
-    for (int64_t blk = 0; blk < w->Hb && !w->row; blk++)
+    for (int64_t blk = b0; blk < b1 && !w->row; blk++)
         for (int q = 0; q < 4; q++) {
             const int64_t row = q * w->H + blk * V, lanes = clamp_lanes(w->H - blk * V);
             transpose_rows(w_ih + row * w->I, w->I, lanes, w->I,
-                           wi + panel_at(blk, w->I, 0, q * V), 2 * V);
+                           w->wi + panel_at(blk, w->I, 0, q * V), 2 * V);
             transpose_rows(w_hh + row * w->P, w->P, lanes, w->P,
-                           wr + panel_at(blk, w->P, 0, q * V), 2 * V);
+                           w->wr + panel_at(blk, w->P, 0, q * V), 2 * V);
         }
-    if (!w->proj)
-        return;
-    for (int64_t pb = 0; pb < w->Pb; pb++)
+    for (int64_t pb = p0; pb < p1 && w->proj; pb++)
         for (int64_t j = 0; j < w->Hp; j++)
             for (int64_t c = 0; c < W; c++) {
                 int64_t p = pb * W + c;
-                wp[panel_at(pb, w->Hp, j, c)] = p < w->P && j < w->H ? w_hr[p * w->H + j] : 0;
+                w->wp[panel_at(pb, w->Hp, j, c)] = p < w->P && j < w->H ? w_hr[p * w->H + j] : 0;
             }
 }
 
@@ -612,6 +612,8 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
     lk_split(w->Pb, rank, size, &p0, &p1);
     const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H); /* own units */
     const int64_t DP = w->D * w->P;
+    if (!w->row)
+        pack_forward(w, b0, b1, p0, p1);
     for (int64_t s = 0; s < w->T; s++) {
         const step_t st = make_step(w, s);
         /* h_{t-1}: the previous step's output, or h0 for rows that start here */
@@ -924,7 +926,8 @@ int SUF(lk_forward)(const lk_layer *a)
     for (int64_t d = 0; d < a->D; d++) {
         dir_t *w = &dirs[d];
         w->xp = xp;
-        pack_forward(w, w->wi, w->bias, w->wr, w->wp);
+        if (w->row) /* the panel path packs inside forward_direction */
+            pack_forward(w, 0, w->Hb, 0, 0);
         if (w->small)
             pack_small(w, w->wt);
     }
