@@ -269,11 +269,10 @@ static void pack_backward(const dir_t *w, real *ub, real *wrb)
         for (int64_t col = 0; col < w->Gp; col++) {
             const int64_t r = torch_row(w, col);
             for (int64_t c = 0; c < W; c += 2 * V) { /* a panel half: 2V contiguous columns */
-                const int64_t p = pb * W + c, n = r < 0 ? 0 : min64(2 * V, w->P - p);
+                const int64_t p = pb * W + c, n = r < 0 || p >= w->P ? 0 : min64(2 * V, w->P - p);
                 real *dst = ub + panel_at(pb, w->Gp, col, c);
-                if (n > 0)
-                    memcpy(dst, w_hh + r * w->P + p, (size_t)n * sizeof(real));
-                memset(dst + (n > 0 ? n : 0), 0, (size_t)(2 * V - (n > 0 ? n : 0)) * sizeof(real));
+                memcpy(dst, w_hh + (r < 0 ? 0 : r * w->P + p), (size_t)n * sizeof(real));
+                memset(dst + n, 0, (size_t)(2 * V - n) * sizeof(real));
             }
         }
     if (!w->proj)
@@ -477,25 +476,25 @@ LK_INLINE void update_block(const dir_t *w, const step_t *st, int64_t b, int64_t
     }
 }
 
-/* update_block for UPDATE_ROWS rows from b, their chains of exp and division side by side (more
- * rows than two gained nothing measurable). */
-#define NR 2
+/* update_block for UPDATE_ROWS rows from b, from their pre-activations in G, the rows' chains of
+ * exp and division side by side. */
+#define UPDATE_ROWS 2 /* more gained nothing measurable */
 LK_INLINE void update_rows(const dir_t *w, const step_t *st, int64_t b, int64_t blk)
 {
     const int64_t lanes = clamp_lanes(w->H - blk * V);
-    vec act[NR][4], c[NR];
-    for (int r = 0; r < NR; r++) {
+    vec act[UPDATE_ROWS][4], c[UPDATE_ROWS];
+    for (int r = 0; r < UPDATE_ROWS; r++) {
         const real *pre = gate_row(w, st->t, b + r) + blk * W;
         act[r][0] = v_sigmoid(vload(pre));
         act[r][1] = v_sigmoid(vload(pre + V));
         act[r][2] = v_tanh(vload(pre + 2 * V));
         act[r][3] = v_sigmoid(vload(pre + 3 * V));
     }
-    for (int r = 0; r < NR; r++) {
+    for (int r = 0; r < UPDATE_ROWS; r++) {
         c[r] = act[r][1] * vload_n(c_prev(w, st, b + r) + blk * V, lanes) + act[r][0] * act[r][2];
         vstore_n(cell_row(w, st->t, b + r) + blk * V, c[r], lanes);
     }
-    for (int r = 0; r < NR; r++) {
+    for (int r = 0; r < UPDATE_ROWS; r++) {
         const vec h = act[r][3] * v_tanh(c[r]);
         if (w->proj)
             vstore(m_row(w, st->t, b + r) + blk * V, h);
@@ -507,12 +506,11 @@ LK_INLINE void update_rows(const dir_t *w, const step_t *st, int64_t b, int64_t 
     }
 }
 
-/* The gate update of unit block blk for the active rows, from the pre-activations in G; NR rows
- * at a time, whose independent chains then overlap. */
+/* The gate update of unit block blk for the active rows, from the pre-activations in G. */
 static void gate_update(const dir_t *w, const step_t *st, int64_t blk)
 {
     int64_t b = 0;
-    for (; b + NR <= st->n; b += NR)
+    for (; b + UPDATE_ROWS <= st->n; b += UPDATE_ROWS)
         update_rows(w, st, b, blk);
     for (; b < st->n; b++) {
         real *pre = gate_row(w, st->t, b) + blk * W;
