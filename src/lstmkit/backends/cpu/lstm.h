@@ -198,7 +198,7 @@ static inline void lk_advise_huge(void *p, size_t bytes)
  * lk_workspace_take gives one of at least `bytes` (NULL if memory ran out), lk_workspace_give
  * takes it back. The process keeps the biggest given back, up to LK_KEEP_BYTES, for the next
  * call: a fresh one is written page by page on first use, and each page costs a fault and its
- * zeroing (about 1.5 ms for the 6 MB of a batch-1 layer with H = 512, a seventh of its call).
+ * zeroing (1.5 to 2 ms for the 6 MB of a batch-1 layer with H = 512, up to a sixth of its call).
  * Lock-free: concurrent calls each take their own. */
 #define LK_KEEP_BYTES ((size_t)64 << 20)
 typedef struct {
