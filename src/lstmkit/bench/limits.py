@@ -11,8 +11,9 @@ Three measurements, each a median of repeats:
   forth through one cache line. Splitting a step across the two cores costs at least half of
   it per step, for each core learns when the other's half of h is ready.
 - **Fixed costs.** lstmkit's inference call on one step of the config's batch: what a call
-  costs besides its steps. With the step bound above, ``fixed + L x step`` bounds a batch-1
-  call from below.
+  costs besides its steps, plus one step (for configs with much work per step, a one-step call
+  may also run on fewer threads than a whole one). For a batch-1 config, where the step is
+  small, ``fixed + L x step bound + x W_ih^T`` bounds a call from below.
 - **The autograd floor** of a training step: ``zero_grad``, a ``torch.autograd.Function`` that
   takes the module's parameters and returns outputs of the right shapes without computing
   anything, and backward of the benchmark's loss. Any LSTM differentiated through a Python
@@ -272,8 +273,8 @@ def measure(configs: list[BenchConfig], budget: Budget) -> Iterator[str]:
             "autograd.Function"
         )
         yield (
-            f"{f.config} inference: lstmkit on one step {f.one_step_s * 1e3:.3f} ms (its fixed "
-            f"cost per call), torch.nn.LSTM on all {config.seq_len} "
+            f"{f.config} inference: lstmkit on one step {f.one_step_s * 1e3:.3f} ms (the fixed "
+            f"cost of a call, plus one step), torch.nn.LSTM on all {config.seq_len} "
             f"{f.torch_inference_s * 1e3:.3f} ms"
         )
 
