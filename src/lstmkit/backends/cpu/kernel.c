@@ -196,18 +196,6 @@ static int64_t panel_at(int64_t panel, int64_t rows, int64_t k, int64_t c)
     return ((panel * 2 + c / (2 * V)) * rows + k) * (2 * V) + c % (2 * V);
 }
 
-/* small: wt (I + P, Gp), row k the weights of input k (x_t, then h_{t-1}) for every gate
- * column, written row after row. */
-static void pack_small(const dir_t *w, real *wt)
-{
-    const real *w_ih = w->w_ih, *w_hh = w->w_hh;
-    for (int64_t k = 0; k < w->I + w->P; k++, wt += w->Gp)
-        for (int64_t col = 0; col < w->Gp; col++) {
-            const int64_t r = torch_row(w, col);
-            wt[col] = r < 0 ? 0 : k < w->I ? w_ih[r * w->I + k] : w_hh[r * w->P + k - w->I];
-        }
-}
-
 /* dst[k ld_dst + v] = src[v ld_src + k] for k < K, v < V; zero for v >= lanes: V rows of src
  * (`lanes` of them real) written as K vectors. By tiles of V x V through L1, so that every
  * load and store is a whole vector, not one scattered element. */
@@ -226,6 +214,19 @@ static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64
             vstore(dst + (k0 + j) * ld_dst, column);
         }
     }
+}
+
+/* small: wt (I + P, Gp), row k the weights of input k (x_t, then h_{t-1}) for every gate
+ * column: the V columns of gate q of unit block blk are V consecutive rows of torch's weights. */
+static void pack_small(const dir_t *w, real *wt)
+{
+    for (int64_t blk = 0; blk < w->Hb; blk++)
+        for (int q = 0; q < 4; q++) {
+            const int64_t row = q * w->H + blk * V, lanes = clamp_lanes(w->H - blk * V);
+            real *column = wt + blk * W + q * V;
+            transpose_rows(w->w_ih + row * w->I, w->I, lanes, w->I, column, w->Gp);
+            transpose_rows(w->w_hh + row * w->P, w->P, lanes, w->P, column + w->I * w->Gp, w->Gp);
+        }
 }
 
 /* The forward weights of unit blocks [b0, b1) and of W columns of P [p0, p1): the bias, and on
