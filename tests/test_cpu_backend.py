@@ -56,6 +56,8 @@ LAYERS = [
     # products longer than one pass over a weight panel (512 rows): backward's 4H, forward's H
     Layer("panel-passes-backward", 3, 7, 5, 130, directions=2),
     Layer("panel-passes-forward", 2, 3, 4, 520, proj=515),
+    # the input's panel (x_t W_ih^T, inside the step) longer than one pass, with lengths
+    Layer("panel-passes-input", 3, 8, 600, 24, directions=2, lengths=(3, 3, 2, 1, 1, 1, 0, 0)),
     Layer("threads", 8, 24, 64, 96, directions=1),  # enough work for a team of threads
     Layer("threads-proj", 8, 24, 64, 96, proj=40, directions=1, lengths=(8,) * 20 + (5, 3, 2, 0)),
     # batch 1: weights small enough to be packed, torch's rows with the input projection inside
