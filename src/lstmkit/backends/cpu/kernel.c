@@ -477,43 +477,12 @@ LK_INLINE void update_block(const dir_t *w, const step_t *st, int64_t b, int64_t
     }
 }
 
-/* update_block for UPDATE_ROWS rows from b, from their pre-activations in G, the rows' chains of
- * exp and division side by side. */
-#define UPDATE_ROWS 2 /* more gained nothing measurable */
-LK_INLINE void update_rows(const dir_t *w, const step_t *st, int64_t b, int64_t blk)
-{
-    const int64_t lanes = clamp_lanes(w->H - blk * V);
-    vec act[UPDATE_ROWS][4], c[UPDATE_ROWS];
-    for (int r = 0; r < UPDATE_ROWS; r++) {
-        const real *pre = gate_row(w, st->t, b + r) + blk * W;
-        act[r][0] = v_sigmoid(vload(pre));
-        act[r][1] = v_sigmoid(vload(pre + V));
-        act[r][2] = v_tanh(vload(pre + 2 * V));
-        act[r][3] = v_sigmoid(vload(pre + 3 * V));
-    }
-    for (int r = 0; r < UPDATE_ROWS; r++) {
-        c[r] = act[r][1] * vload_n(c_prev(w, st, b + r) + blk * V, lanes) + act[r][0] * act[r][2];
-        vstore_n(cell_row(w, st->t, b + r) + blk * V, c[r], lanes);
-    }
-    for (int r = 0; r < UPDATE_ROWS; r++) {
-        const vec h = act[r][3] * v_tanh(c[r]);
-        if (w->proj)
-            vstore(m_row(w, st->t, b + r) + blk * V, h);
-        else
-            vstore_n(out_row(w, st->t, b + r) + blk * V, h, lanes);
-        if (w->keep)
-            for (int q = 0; q < 4; q++)
-                vstore(gate_row(w, st->t, b + r) + blk * W + q * V, act[r][q]);
-    }
-}
-
-/* The gate update of unit block blk for the active rows, from the pre-activations in G. */
+/* The gate update of unit block blk for the active rows, from the pre-activations in G, two rows
+ * per iteration (unrolled: their chains of exp and division overlap). */
 static void gate_update(const dir_t *w, const step_t *st, int64_t blk)
 {
-    int64_t b = 0;
-    for (; b + UPDATE_ROWS <= st->n; b += UPDATE_ROWS)
-        update_rows(w, st, b, blk);
-    for (; b < st->n; b++) {
+#pragma GCC unroll 2
+    for (int64_t b = 0; b < st->n; b++) {
         real *pre = gate_row(w, st->t, b) + blk * W;
         const vec gates[4] = {vload(pre), vload(pre + V), vload(pre + 2 * V), vload(pre + 3 * V)};
         update_block(w, st, b, blk, gates, w->keep ? pre : NULL);
