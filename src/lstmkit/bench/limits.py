@@ -30,7 +30,7 @@ import statistics
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 
@@ -38,9 +38,9 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-import lstmkit
 from lstmkit.backends.cpu import build
-from lstmkit.bench.configs import BenchConfig
+from lstmkit.bench.configs import BenchConfig, make_input
+from lstmkit.bench.runner import make_lstmkit
 from lstmkit.bench.timing import Budget, time_interleaved
 
 # Buffer sizes for the weight reads: in L1 (32 KB here), two in L2 (stream-128's W_hh on one
@@ -155,11 +155,9 @@ def floor(config: BenchConfig, budget: Budget) -> Floor:
     call, each timed interleaved with torch on the (dense) batch."""
     torch.manual_seed(0)
     oracle = nn.LSTM(**config.lstm_kwargs())
-    module = lstmkit.LSTM(**config.lstm_kwargs())
-    module.load_state_dict(oracle.state_dict())
+    module = make_lstmkit(config, oracle)
     params = list(module.parameters())
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(config.seq_len, config.batch, config.input_size, generator=generator)
+    x = make_input(replace(config, lengths=None))
     rows = config.num_layers * (2 if config.bidirectional else 1)
     h_out = config.proj_size or config.hidden_size
     shapes = (
