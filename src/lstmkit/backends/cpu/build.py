@@ -6,7 +6,9 @@ the CPU (the flags include ``-march=native``). A later process finds it there an
 Concurrent builds are safe: each writes a private temporary file and renames it into place.
 
 Cache directory: ``$LSTMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lstmkit``, else
-``~/.cache/lstmkit``. Compiler: ``$CC``, else ``gcc``, else ``cc``.
+``~/.cache/lstmkit``. Compiler: ``$CC``, else ``gcc``, else ``cc``. ``$LSTMKIT_SANITIZE`` (e.g.
+``address,undefined``) builds the kernels with those ``-fsanitize=`` checks, under a name of its
+own (``make sanitize`` runs the tests so; the sanitizer's runtime must then be preloaded).
 
 Each source version has its own build, so old ones would pile up: loading a build marks it
 used (its modification time), and every new build removes the builds nobody has loaded for
@@ -45,6 +47,7 @@ FLAGS = (
     "-fno-trapping-math",
 )
 LINK_FLAGS = ("-shared", "-fopenmp")
+SANITIZE_ENV = "LSTMKIT_SANITIZE"
 LIBRARIES = ("-lm",)
 PREFIX = "lstmkit_cpu_"
 STALE_DAYS = 30
@@ -60,6 +63,14 @@ def cache_dir() -> Path:
         return Path(explicit)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "lstmkit"
+
+
+def sanitize_flags() -> tuple[str, ...]:
+    """The ``-fsanitize=`` flags ``$LSTMKIT_SANITIZE`` asks for (compile and link), or none."""
+    checks = os.environ.get(SANITIZE_ENV, "").strip()
+    if not checks:
+        return ()
+    return (f"-fsanitize={checks}", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all", "-g")
 
 
 def find_compiler() -> str | None:
@@ -94,7 +105,7 @@ def library_path(compiler: str) -> Path:
     real = os.path.realpath(compiler)
     stat = os.stat(real)
     for part in (
-        repr((UNITS, FLAGS, LINK_FLAGS, LIBRARIES)),
+        repr((UNITS, FLAGS, LINK_FLAGS, LIBRARIES, sanitize_flags())),
         f"{real} {stat.st_size} {stat.st_mtime_ns}",
         _cpu_identity(),
         platform.platform(),
@@ -108,13 +119,16 @@ def build(compiler: str, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         jobs = []
+        sanitizing = sanitize_flags()
         for source, extra, obj in UNITS:
-            command = [compiler, *FLAGS, *extra, "-c", str(SOURCE_DIR / source), "-o", obj]
+            command = [compiler, *FLAGS, *sanitizing, *extra, "-c", str(SOURCE_DIR / source)]
+            command += ["-o", obj]
             jobs.append((command, _start(command, tmp)))
         for command, job in jobs:
             _finish(command, job)
         partial = Path(tmp) / target.name
-        command = [compiler, *LINK_FLAGS, "-o", str(partial), *(u[2] for u in UNITS), *LIBRARIES]
+        command = [compiler, *LINK_FLAGS, *sanitizing, "-o", str(partial)]
+        command += [*(u[2] for u in UNITS), *LIBRARIES]
         _finish(command, _start(command, tmp))
         os.replace(partial, target)
     prune(target.parent)
