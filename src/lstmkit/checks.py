@@ -9,11 +9,15 @@ a state tuple of the wrong length.
 
 from __future__ import annotations
 
+import functools
+import operator
+import weakref
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from lstmkit.reference import LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 
 
@@ -212,3 +216,167 @@ def check_lengths(lengths: object, batched: bool, steps: int, batch: int, spec: 
             f"values from {low} to {high}" + hint(spec)
         )
     return values
+
+
+@functools.cache
+def _parameter_shapes(spec: LSTMSpec) -> tuple[tuple[tuple[int, ...] | None, ...], ...]:
+    """Per layer, the shape of each LayerWeights field (``None``: the spec has no such
+    parameter), in torch's layout."""
+    gates = 4 * spec.hidden_size
+    bias = (gates,) if spec.bias else None
+    proj = (spec.proj_size, spec.hidden_size) if spec.proj_size else None
+    return tuple(
+        ((gates, spec.layer_input_size(layer)), (gates, spec.h_size), bias, bias, proj)
+        for layer in range(spec.num_layers)
+    )
+
+
+@functools.cache
+def _variant_shapes(spec: LSTMSpec) -> tuple[tuple[int, ...] | None, ...]:
+    """The shape of each variant parameter (Variant's first 7 fields), ``None`` if off."""
+    gates, hidden = (4 * spec.hidden_size,), (spec.hidden_size,)
+    norm = (gates, gates, gates, gates, hidden, hidden) if spec.layer_norm else (None,) * 6
+    return (*norm, (3 * spec.hidden_size,) if spec.peepholes else None)
+
+
+def check_parameters(
+    weights: Sequence[Sequence[LayerWeights]],
+    variants: Sequence[Sequence[Variant]] | None,
+    spec: LSTMSpec,
+    like: Tensor,
+) -> None:
+    """Every parameter a call hands to a backend: torch's shape for ``spec``, the input's
+    dtype and device, a dense (strided) layout. ``RuntimeError`` naming the parameter, as
+    torch.nn.LSTM raises for a parameter that does not fit; ``weights[layer][direction]``.
+
+    Decided once per version of the parameters: a set that passed is remembered with each
+    tensor's identity, ``_version`` (in-place changes, ``resize_``) and address (``p.data =
+    other`` changes neither of the others), and is checked again when any of them changes.
+    """
+    flat = [t for layer in weights for w in layer for t in w]
+    if variants is not None:
+        flat += [t for layer in variants for v in layer for t in v[:_VARIANT_PARAMETERS]]
+    first = flat[0]
+    stamp = [None if t is None else (t._version, t.data_ptr()) for t in flat]
+    seen = _passed.get(id(first))
+    if (
+        seen is not None
+        and seen[0]() is first
+        and seen[1] is spec
+        and seen[2] is like.dtype
+        and seen[3] == like.device
+        and seen[5] == stamp
+        and all(map(operator.is_, seen[4], flat[1:]))
+    ):
+        return
+    _check_parameters(weights, variants, spec, like)
+    if isinstance(first, Tensor):
+        _remember(first, (spec, like.dtype, like.device, tuple(flat[1:]), stamp))
+
+
+_VARIANT_PARAMETERS = 7  # Variant's fields up to weight_peephole; the rest is per-call noise
+# id(first weight) -> (weak reference to it, spec, dtype, device, the other parameters,
+# stamps). The first weight is held weakly and the others strongly: all belong to one module,
+# so an entry lives as long as that module's parameters do, and goes when the first weight dies.
+_passed: dict[int, tuple] = {}
+
+
+def _remember(first: Tensor, entry: tuple) -> None:
+    key = id(first)
+    _passed[key] = (weakref.ref(first, lambda _: _passed.pop(key, None)), *entry)
+
+
+def _check_parameters(
+    weights: Sequence[Sequence[LayerWeights]],
+    variants: Sequence[Sequence[Variant]] | None,
+    spec: LSTMSpec,
+    like: Tensor,
+) -> None:
+    directions = spec.num_directions
+    if len(weights) != spec.num_layers or any(len(w) != directions for w in weights):
+        found = [len(w) for w in weights]
+        raise RuntimeError(
+            f"expected the weights of {spec.num_layers} layer(s) x {directions} direction(s), "
+            f"got {len(weights)} layer(s) with {found} direction(s)" + hint(spec)
+        )
+    dtype, device = like.dtype, like.device
+    for layer, (layer_weights, shapes) in enumerate(zip(weights, _parameter_shapes(spec))):
+        for direction, parameters in enumerate(layer_weights):
+            for field, tensor, shape in zip(LayerWeights._fields, parameters, shapes):
+                if not _fits(tensor, shape, dtype, device):
+                    _refuse(f"{field}_l{layer}", direction, tensor, shape, like, spec)
+    if variants is None:
+        return
+    for layer, layer_variants in enumerate(variants):
+        for direction, variant in enumerate(layer_variants):
+            for field, tensor, shape in zip(Variant._fields, variant, _variant_shapes(spec)):
+                if not _fits(tensor, shape, dtype, device):
+                    _refuse(f"{field}_l{layer}", direction, tensor, shape, like, spec)
+
+
+def _fits(
+    tensor: Tensor | None,
+    shape: tuple[int, ...] | None,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> bool:
+    if not isinstance(tensor, Tensor):
+        return tensor is None and shape is None
+    return (
+        tensor.dtype is dtype
+        and tensor.device == device
+        and tensor.shape == shape
+        and tensor.layout is torch.strided
+    )
+
+
+_LAYOUTS = {
+    "weight_ih": "(4*H_cell, H_in) in layer 0, (4*H_cell, D*H_out) above",
+    "weight_hh": "(4*H_cell, H_out)",
+    "bias": "(4*H_cell,)",
+    "weight_hr": "(H_out, H_cell) = (proj_size, hidden_size)",
+    "ln_weight_c": "(H_cell,)",
+    "ln_bias_c": "(H_cell,)",
+    "ln": "(4*H_cell,)",
+    "weight_peephole": "(3*H_cell,): w_ci, w_cf, w_co",
+}
+
+
+def _layout(name: str) -> str:
+    """The named layout of parameter ``name`` (e.g. ``bias_ih_l1_reverse``)."""
+    kind = next(k for k in _LAYOUTS if name.startswith(k))
+    gate_rows = "4*H_cell" in _LAYOUTS[kind]
+    return _LAYOUTS[kind] + (" (one block of rows per gate i, f, g, o)" if gate_rows else "")
+
+
+def _refuse(
+    name: str,
+    direction: int,
+    tensor: Tensor | None,
+    shape: tuple[int, ...] | None,
+    like: Tensor,
+    spec: LSTMSpec,
+) -> None:
+    """Raise the RuntimeError that says how parameter ``name`` does not fit."""
+    name += "_reverse" if direction else ""
+    if shape is None:
+        problem = f"is a tensor of shape {_shape(tensor)}, but {spec} has no such parameter"
+    elif tensor is None:
+        problem = f"is None, expected a tensor of shape {shape}"
+    elif not isinstance(tensor, Tensor):
+        problem = f"is a {type(tensor).__name__}, expected a tensor of shape {shape}"
+    elif tensor.shape != shape:
+        problem = f"has shape {_shape(tensor)}, expected {shape} = {_layout(name)}"
+    elif tensor.dtype != like.dtype:
+        problem = (
+            f"has dtype {tensor.dtype} but the input has {like.dtype}: every parameter and "
+            f"the input share one dtype (convert with lstm.to({like.dtype}))"
+        )
+    elif tensor.device != like.device:
+        problem = (
+            f"is on {tensor.device} but the input is on {like.device}: input and parameter "
+            f"tensors must be on the same device (move with lstm.to({str(like.device)!r}))"
+        )
+    else:
+        problem = f"has layout {tensor.layout}, expected a dense tensor (torch.strided)"
+    raise RuntimeError(f"LSTM parameter {name} {problem}" + hint(spec))

@@ -79,6 +79,7 @@ def lstm(
             input, hx, spec, weights, training, weight_dtype, initial_state, sequences, variants
         )
     x = checks.check_input(input, spec, weight_dtype)
+    checks.check_parameters(weights, variants, spec, x)
     batched = x.dim() == 3
     if not batched:
         x = x.unsqueeze(1)
@@ -130,6 +131,7 @@ def _packed(
     variants: list[list[Variant]] | None,
 ) -> Result:
     data = checks.check_packed_data(packed.data, spec, weight_dtype)
+    checks.check_parameters(weights, variants, spec, data)
     batch_sizes = packed.batch_sizes
     batch = int(batch_sizes[0])
     if hx is not None:
