@@ -19,7 +19,7 @@ from torch import Tensor
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, library
 from lstmkit.backends.cpu import variants as variants_module
-from lstmkit.backends.cpu.function import LayerFunction, run
+from lstmkit.backends.cpu.function import LayerFunction, run, through_function
 from lstmkit.backends.cpu.stack import StackFunction, run_stack
 from lstmkit.reference import LayerWeights, Variant
 
@@ -79,9 +79,7 @@ class CpuBackend(Backend):
             return variants_module.run_layer(
                 kernels, x, h0, c0, params, lengths, cell_sequence, variants
             )
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, h0, c0, *params)
-        ):
+        if through_function((x, h0, c0, *params)):
             return LayerFunction.apply(kernels, lengths, cell_sequence, x, h0, c0, *params)
         _, out, h_n, c_n, cells, _ = run(
             kernels, x, h0, c0, params, lengths, cell_sequence, training=False
@@ -102,9 +100,7 @@ class CpuBackend(Backend):
         directions = len(weights[0])
         if lengths is not None:
             lengths = lengths.to(torch.int64).contiguous()
-        if torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, h0, c0, *params)
-        ):
+        if through_function((x, h0, c0, *params)):
             return StackFunction.apply(kernels, lengths, directions, x, h0, c0, *params)
         return run_stack(kernels, x, h0, c0, params, directions, lengths)
 

@@ -13,6 +13,17 @@ Param = Tensor | None
 NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
 
 
+def through_function(tensors: tuple[Param, ...]) -> bool:
+    """Whether a call must go through its autograd Function rather than straight to the
+    kernels: autograd will differentiate it, or ``torch.jit.trace`` is recording it. A trace
+    records a Function as one op that runs again on each call's tensors; a direct call hands
+    the kernels addresses the trace never sees, so the traced module would return the empty
+    tensors allocated for the results."""
+    if torch.jit.is_tracing():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def addresses(tensors: list[Param] | tuple[Param, ...]) -> list[int]:
     return [0 if t is None else t.data_ptr() for t in tensors]
 

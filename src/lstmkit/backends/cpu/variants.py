@@ -15,6 +15,7 @@ from lstmkit.backends.cpu.function import (
     addresses,
     first_derivatives_only,
     run,
+    through_function,
 )
 from lstmkit.backends.cpu.library import GRADS, VARIANT, VARIANT_GRADS, Kernels
 from lstmkit.reference import Variant
@@ -78,9 +79,7 @@ def run_layer(
     LayerWeights, flattened); differentiable where anything requires grad."""
     noise = Noise(variants, x)
     extras = [_param(getattr(v, name)) for v in variants for name in PARAMS]
-    if torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, h0, c0, *params, *extras)
-    ):
+    if through_function((x, h0, c0, *params, *extras)):
         return VariantLayerFunction.apply(
             kernels, lengths, cell_sequence, noise, x, h0, c0, *params, *extras
         )
