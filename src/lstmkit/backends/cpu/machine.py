@@ -1,0 +1,231 @@
+"""What the machine is, read from it: the CPU's identity and vector features, its caches and
+cores, and the ISA tier the kernels are built for.
+
+Nothing here is assumed for a particular CPU. Caches come from sysfs
+(``/sys/devices/system/cpu/cpu0/cache``), else from ``sysconf``; only when neither says
+anything is a size assumed, and the facts then say so. Features and identity come from
+``/proc/cpuinfo`` (x86 ``flags``, aarch64 ``Features``); cores are those this process may run
+on.
+
+Tiers, best first: ``avx512`` (64-byte vectors, 32 vector registers, mask registers),
+``avx2`` (AVX2 + FMA: 32-byte vectors, 16 registers) and ``generic`` (plain C and GCC's
+vectors of 16 bytes: what aarch64 and any other CPU get). ``LSTMKIT_CPU_TARGET`` selects one:
+``native`` (the default: the best tier this CPU runs, tuned for this CPU) or a tier's name
+(built for that tier's common denominator, e.g. for a cluster of mixed machines); a tier the
+CPU cannot execute is refused with the reason.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+TARGET_ENV = "LSTMKIT_CPU_TARGET"
+SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+@dataclass(frozen=True)
+class Tier:
+    """An instruction-set tier the kernels are built for."""
+
+    name: str
+    vector_bytes: int  # bytes per vector register
+    registers: int  # architectural vector registers
+    needs: frozenset[str]  # CPU features (cpuinfo flag names) it executes
+    arch: str  # "x86_64", or "" for any architecture
+    flags: tuple[str, ...]  # compiler flags that build for exactly this tier
+
+
+TIERS: tuple[Tier, ...] = (
+    Tier(
+        "avx512",
+        64,
+        32,
+        frozenset({"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}),
+        "x86_64",
+        ("-march=x86-64-v4", "-mprefer-vector-width=512"),
+    ),
+    Tier("avx2", 32, 16, frozenset({"avx2", "fma"}), "x86_64", ("-march=x86-64-v3",)),
+    Tier("generic", 16, 16, frozenset(), "", ()),
+)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """The facts the kernels' plan is derived from."""
+
+    arch: str  # platform.machine(): x86_64, aarch64, ...
+    identity: str  # vendor, family, model, stepping (x86) or implementer, part (aarch64)
+    model_name: str
+    features: frozenset[str]
+    cores: int  # CPUs this process may run on
+    l1d: int  # bytes of L1 data cache per core
+    l2: int  # bytes of L2 per core
+    l3: int  # bytes of L3 in all (0: none)
+    l3_shared_by: int  # CPUs that share that L3
+    caches_from: str  # where the cache sizes came from: "sysfs", "sysconf" or "assumed"
+
+    def runs(self, tier: Tier) -> str | None:
+        """``None`` if this CPU executes ``tier``, else why not."""
+        if tier.arch and self.arch not in (tier.arch, "amd64", "AMD64"):
+            return f"{tier.name} is an {tier.arch} tier and this CPU is {self.arch}"
+        missing = sorted(tier.needs - self.features)
+        if missing:
+            return f"this CPU lacks {', '.join(missing)}, which {tier.name} needs"
+        return None
+
+
+def read() -> Machine:
+    """The facts of the machine this process runs on (read once, see :func:`machine`)."""
+    info = _cpuinfo()
+    arch = platform.machine()
+    if "vendor_id" in info:
+        keys = ("vendor_id", "cpu family", "model", "stepping")
+        flags = info.get("flags", "")
+    else:
+        keys = ("CPU implementer", "CPU architecture", "CPU variant", "CPU part", "CPU revision")
+        flags = info.get("Features", "")
+    identity = " ".join(f"{key}={info[key]}" for key in keys if key in info) or arch
+    model_name = info.get("model name") or info.get("Hardware") or platform.processor() or arch
+    caches, source = _caches()
+    return Machine(
+        arch=arch,
+        identity=identity,
+        model_name=model_name,
+        features=frozenset(flags.split()),
+        cores=_cores(),
+        l1d=caches[0],
+        l2=caches[1],
+        l3=caches[2],
+        l3_shared_by=caches[3],
+        caches_from=source,
+    )
+
+
+@functools.cache
+def machine() -> Machine:
+    return read()
+
+
+def tier_named(name: str) -> Tier:
+    for tier in TIERS:
+        if tier.name == name:
+            return tier
+    known = ", ".join(["native", *(t.name for t in TIERS)])
+    raise ValueError(f"{TARGET_ENV}={name!r} is not a cpu target; known: {known}")
+
+
+def select(facts: Machine, target: str | None = None) -> tuple[Tier, bool, str]:
+    """The tier to build for, whether it is ``native`` (tuned for this very CPU), and why.
+
+    ``target`` defaults to ``$LSTMKIT_CPU_TARGET`` (else ``native``). A tier the CPU cannot
+    execute raises ``RuntimeError`` with the reason; an unknown name ``ValueError``.
+    """
+    if target is None:
+        target = os.environ.get(TARGET_ENV, "").strip() or "native"
+    if target == "native":
+        for tier in TIERS:
+            if facts.runs(tier) is None:
+                passed = [f"{t.name}: {facts.runs(t)}" for t in TIERS[: TIERS.index(tier)]]
+                why = f"the best tier this CPU executes ({TARGET_ENV} unset or native)"
+                return tier, True, why + "".join(f"; not {p}" for p in passed)
+    tier = tier_named(target)
+    reason = facts.runs(tier)
+    if reason is not None:
+        raise RuntimeError(
+            f"{TARGET_ENV}={target} asks for kernels this CPU cannot execute: {reason}. "
+            f"Unset {TARGET_ENV} (or set it to native) to build for this CPU."
+        )
+    return tier, False, f"asked for by {TARGET_ENV}={target}"
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
+    try:
+        text = CPUINFO.read_text()
+    except OSError:
+        return fields
+    for line in text.splitlines():
+        if not line.strip():
+            if "flags" in fields or "Features" in fields:
+                break  # the first processor's block is complete
+            continue
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    return fields
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Sizes used only when the machine says nothing (the facts then say "assumed"): a common
+# modern core's L1d and L2, and no L3.
+_ASSUMED = (32 * 1024, 1024 * 1024, 0, 1)
+
+
+def _caches() -> tuple[tuple[int, int, int, int], str]:
+    """(L1d, L2 per core, L3 total, CPUs sharing L3) and where they came from."""
+    found = _sysfs_caches(SYSFS_CACHE)
+    if found is not None:
+        return found, "sysfs"
+    found = _sysconf_caches()
+    if found is not None:
+        return found, "sysconf"
+    return _ASSUMED, "assumed"
+
+
+def _sysfs_caches(root: Path) -> tuple[int, int, int, int] | None:
+    sizes = {}
+    try:
+        for index in sorted(root.glob("index*")):
+            kind = (index / "type").read_text().strip()
+            if kind == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            size = _bytes((index / "size").read_text().strip())
+            shared = _cpu_count((index / "shared_cpu_list").read_text().strip())
+            sizes[level] = (size, shared)
+    except (OSError, ValueError):
+        return None
+    if 1 not in sizes or 2 not in sizes:
+        return None
+    l3, l3_shared = sizes.get(3, (0, 1))
+    return sizes[1][0], sizes[2][0], l3, l3_shared
+
+
+def _sysconf_caches() -> tuple[int, int, int, int] | None:
+    try:
+        l1d = os.sysconf("SC_LEVEL1_DCACHE_SIZE")
+        l2 = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+        l3 = os.sysconf("SC_LEVEL3_CACHE_SIZE")
+    except (ValueError, OSError):
+        return None
+    if l1d <= 0 or l2 <= 0:
+        return None
+    return l1d, l2, max(l3, 0), _cores()
+
+
+def _bytes(text: str) -> int:
+    """sysfs sizes: "48K", "2048K", "32M"."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    if text and text[-1] in units:
+        return int(text[:-1]) * units[text[-1]]
+    return int(text)
+
+
+def _cpu_count(cpu_list: str) -> int:
+    """The number of CPUs in a sysfs list such as "0-3,8-11"."""
+    count = 0
+    for part in cpu_list.split(","):
+        low, _, high = part.partition("-")
+        count += int(high or low) - int(low) + 1
+    return count

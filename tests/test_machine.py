@@ -1,0 +1,100 @@
+"""The machine facts are read from the machine, and the tier follows the CPU's features."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import pytest
+
+from lstmkit.backends.cpu import machine
+
+SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
+
+
+def sysfs_size(level: int, kinds: tuple[str, ...]) -> int | None:
+    for index in SYSFS.glob("index*"):
+        if int((index / "level").read_text()) == level and (
+            (index / "type").read_text().strip() in kinds
+        ):
+            return machine._bytes((index / "size").read_text().strip())
+    return None
+
+
+def test_cache_sizes_are_this_machines() -> None:
+    facts = machine.read()
+    assert facts.cores == len(os.sched_getaffinity(0))
+    if not SYSFS.is_dir():  # then they come from sysconf, or are assumed and said to be
+        assert facts.caches_from in ("sysconf", "assumed")
+        return
+    assert facts.caches_from == "sysfs"
+    assert facts.l1d == sysfs_size(1, ("Data", "Unified"))
+    assert facts.l2 == sysfs_size(2, ("Unified", "Data"))
+    assert facts.l3 == (sysfs_size(3, ("Unified",)) or 0)
+
+
+def test_native_is_the_best_tier_this_cpu_executes() -> None:
+    facts = machine.read()
+    tier, native, why = machine.select(facts, "native")
+    assert native and "best tier" in why
+    assert facts.runs(tier) is None
+    better = machine.TIERS[: machine.TIERS.index(tier)]
+    assert all(facts.runs(t) is not None for t in better)
+    if facts.arch == "x86_64" and {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= facts.features:
+        assert tier.name == "avx512"
+
+
+def fake(arch: str, features: set[str]) -> machine.Machine:
+    return dataclasses.replace(machine.read(), arch=arch, features=frozenset(features))
+
+
+@pytest.mark.parametrize(
+    ("arch", "features", "best"),
+    [
+        ("x86_64", {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx2", "fma"}, "avx512"),
+        ("x86_64", {"avx512f", "avx2", "fma"}, "avx2"),  # AVX-512 foundation alone is not enough
+        ("x86_64", {"avx2"}, "generic"),  # AVX2 without FMA
+        ("aarch64", {"asimd", "fp"}, "generic"),
+    ],
+)
+def test_tier_follows_the_features(arch: str, features: set[str], best: str) -> None:
+    assert machine.select(fake(arch, features), "native")[0].name == best
+
+
+def test_a_tier_the_cpu_cannot_execute_is_refused_with_the_reason() -> None:
+    with pytest.raises(RuntimeError, match=r"lacks avx512bw, avx512dq, avx512f, avx512vl"):
+        machine.select(fake("x86_64", {"avx2", "fma"}), "avx512")
+    with pytest.raises(RuntimeError, match="x86_64 tier and this CPU is aarch64"):
+        machine.select(fake("aarch64", {"asimd"}), "avx2")
+    with pytest.raises(ValueError, match="known: native, avx512, avx2, generic"):
+        machine.select(fake("x86_64", set()), "sse9")
+
+
+def test_target_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(machine.TARGET_ENV, "generic")
+    tier, native, why = machine.select(machine.read())
+    assert (tier.name, native) == ("generic", False)
+    assert machine.TARGET_ENV in why
+
+
+def test_sysfs_lists_and_sizes_are_parsed(tmp_path: Path) -> None:
+    for index, (level, kind, size, shared) in enumerate(
+        [
+            (1, "Data", "48K", "0"),
+            (1, "Instruction", "32K", "0"),
+            (2, "Unified", "2048K", "0"),
+            (3, "Unified", "105M", "0-55,112-167"),
+        ]
+    ):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (
+            ("level", level),
+            ("type", kind),
+            ("size", size),
+            ("shared_cpu_list", shared),
+        ):
+            (folder / name).write_text(f"{value}\n")
+    assert machine._sysfs_caches(tmp_path) == (48 * 1024, 2048 * 1024, 105 * 1024**2, 112)
+    assert machine._sysfs_caches(tmp_path / "missing") is None
