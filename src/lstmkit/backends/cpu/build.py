@@ -9,11 +9,11 @@ Integrity: beside each library, its build leaves a record of its size and SHA-25
 named by that hash (``<library>.<sha256>.sha256``, holding ``<size> <sha256>``) and renamed
 into place before the library is. Whichever of several concurrent builds renames last, the bytes
 at the library's path then have their record, and no record describes other bytes. Before a
-process loads the library it hashes it (once per process) and looks for that record
-(:func:`check`); the loader (:mod:`.library`) rebuilds a library that has none, and one that
-fails to load, with a :class:`CacheWarning`. A cache directory that cannot be created or
-written gets the same warning, and the library is built in a private temporary directory
-(:func:`temporary_dir`) for the process instead.
+process loads the library it hashes it (once per process, about a millisecond) and looks for
+that record (:func:`check`). The loader (:mod:`.library`) rebuilds a library without one
+(truncated, changed, copied without it) or that fails to load, with a :class:`CacheWarning`;
+a cache directory that cannot be created or written gets the same warning, and the library is
+built in a private temporary directory (:func:`temporary_dir`) for the process instead.
 
 Cache directory: ``$LSTMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lstmkit``, else
 ``~/.cache/lstmkit``. Compiler: ``$CC``, else ``gcc``, else ``cc``. ``$LSTMKIT_SANITIZE`` (e.g.
@@ -188,8 +188,8 @@ def check(library: Path) -> str | None:
     recorded = sorted(_recorded_sizes(library))
     if not recorded:
         return (
-            "has no record of the size and SHA-256 its build wrote (an interrupted build, a "
-            "copy without it, or a lost record)"
+            "has no record of the size and SHA-256 its build wrote (copied without it, or the "
+            "record was lost)"
         )
     if len(data) not in recorded:
         wrote = " or ".join(str(size) for size in recorded)
