@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import subprocess
 import sys
@@ -411,12 +412,24 @@ def test_build_into_a_fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert target.parent == tmp_path and not target.exists()
     day = 86400.0
     stale, recent, other = (tmp_path / n for n in ("lstmkit_cpu_0.so", "lstmkit_cpu_1.so", "x.so"))
-    for path, age_days in ((stale, build.STALE_DAYS + 1), (recent, 1), (other, 99)):
+    stale_record, young_record = (build.record_path(stale, d * 64) for d in "ab")
+    for path, age_days in (
+        (stale, build.STALE_DAYS + 1),
+        (recent, 1),
+        (other, 99),
+        (stale_record, build.STALE_DAYS + 1),
+        (young_record, 0),  # a concurrent build's, just before its library is renamed in
+    ):
         path.write_bytes(b"")
         os.utime(path, (time.time() - age_days * day,) * 2)
     build.build(compiler, target)
-    # no temporary files left; the build unused for STALE_DAYS is gone, the others stay
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, recent.name, "x.so"])
+    # no temporary files left; the build unused for STALE_DAYS and its old record are gone,
+    # the others stay; the new build has its record
+    record = build.record_path(target, hashlib.sha256(target.read_bytes()).hexdigest())
+    kept = [target.name, record.name, recent.name, "x.so", young_record.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
+    assert record.read_text() == f"{target.stat().st_size} {record.name.split('.')[2]}\n"
+    assert build.check(target) is None
     loaded = ctypes.CDLL(str(target))
     assert loaded.lk_layer_bytes() == library.LAYER.size
     os.utime(target, (time.time() - 10 * day,) * 2)

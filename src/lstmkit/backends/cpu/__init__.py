@@ -34,12 +34,14 @@ class CpuBackend(Backend):
     @property
     def description(self) -> str:
         reason = library.failure()
-        gemm = (
-            library.load().blas if reason is None else f"none, the kernels are not built: {reason}"
-        )
+        if reason is None:
+            loaded = library.load()
+            state = f"GEMM: {loaded.blas}; kernels {loaded.origin}"
+        else:
+            state = f"GEMM: none, the kernels are not built: {reason}"
         return (
             "fused C kernels (OpenMP, vectorised gates) built with the machine's C compiler; "
-            f"float32 and float64 on CPU; GEMM: {gemm}"
+            f"float32 and float64 on CPU; {state}"
         )
 
     def unavailable_reason(self, request: Request) -> str | None:
@@ -54,11 +56,7 @@ class CpuBackend(Backend):
             loaded = library.load()
         except build.BuildError as error:
             return f"cannot build the kernels: {error}"
-        if loaded.compiled_seconds is None:
-            done = "kernels found in the cache"
-        else:
-            done = f"kernels compiled in {loaded.compiled_seconds:.1f} s"
-        return f"{done}: {loaded.path}; GEMM: {loaded.blas}"
+        return f"kernels {loaded.origin}; GEMM: {loaded.blas}"
 
     def run_layer(
         self,

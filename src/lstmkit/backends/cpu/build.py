@@ -5,6 +5,16 @@ name that hashes everything that shapes the binary: the sources, the flags, the 
 the CPU (the flags include ``-march=native``). A later process finds it there and only loads it.
 Concurrent builds are safe: each writes a private temporary file and renames it into place.
 
+Integrity: beside each library, its build leaves a record of its size and SHA-256, in a file
+named by that hash (``<library>.<sha256>.sha256``, holding ``<size> <sha256>``) and renamed
+into place before the library is. Whichever of several concurrent builds renames last, the bytes
+at the library's path then have their record, and no record describes other bytes. Before a
+process loads the library it hashes it (once per process, about a millisecond) and looks for
+that record (:func:`check`). The loader (:mod:`.library`) rebuilds a library without one
+(truncated, changed, copied without it) or that fails to load, with a :class:`CacheWarning`;
+a cache directory that cannot be created or written gets the same warning, and the library is
+built in a private temporary directory (:func:`temporary_dir`) for the process instead.
+
 Cache directory: ``$LSTMKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lstmkit``, else
 ``~/.cache/lstmkit``. Compiler: ``$CC``, else ``gcc``, else ``cc``. ``$LSTMKIT_SANITIZE`` (e.g.
 ``address,undefined``) builds the kernels with those ``-fsanitize=`` checks, under a name of its
@@ -12,11 +22,12 @@ own (``make sanitize`` runs the tests so; the sanitizer's runtime must then be p
 
 Each source version has its own build, so old ones would pile up: loading a build marks it
 used (its modification time), and every new build removes the builds nobody has loaded for
-:data:`STALE_DAYS` days.
+:data:`STALE_DAYS` days, with their records.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import os
@@ -50,11 +61,20 @@ LINK_FLAGS = ("-shared", "-fopenmp")
 SANITIZE_ENV = "LSTMKIT_SANITIZE"
 LIBRARIES = ("-lm",)
 PREFIX = "lstmkit_cpu_"
+RECORD_SUFFIX = ".sha256"
 STALE_DAYS = 30
+# What a cached build consists of, in the cache key: 2 is a library with its record, so that a
+# build of an older lstmkit, which has none, is not taken for a damaged one.
+CACHE_FORMAT = 2
 
 
 class BuildError(RuntimeError):
     """The library could not be built; the message says why, for ``lstmkit backends``."""
+
+
+class CacheWarning(UserWarning):
+    """The kernel cache could not be used as it was: lstmkit rebuilt a damaged library there,
+    or built one in a temporary directory for this process; the message says why."""
 
 
 def cache_dir() -> Path:
@@ -105,7 +125,7 @@ def library_path(compiler: str) -> Path:
     real = os.path.realpath(compiler)
     stat = os.stat(real)
     for part in (
-        repr((UNITS, FLAGS, LINK_FLAGS, LIBRARIES, sanitize_flags())),
+        repr((CACHE_FORMAT, UNITS, FLAGS, LINK_FLAGS, LIBRARIES, sanitize_flags())),
         f"{real} {stat.st_size} {stat.st_mtime_ns}",
         _cpu_identity(),
         platform.platform(),
@@ -130,8 +150,59 @@ def build(compiler: str, target: Path) -> None:
         command = [compiler, *LINK_FLAGS, *sanitizing, "-o", str(partial)]
         command += [*(u[2] for u in UNITS), *LIBRARIES]
         _finish(command, _start(command, tmp))
+        data = partial.read_bytes()
+        digest = hashlib.sha256(data).hexdigest()
+        record = Path(tmp) / "record"
+        record.write_text(_record_text(len(data), digest))
+        # The record first: bytes at ``target`` always have theirs (see the module docstring).
+        os.replace(record, record_path(target, digest))
         os.replace(partial, target)
     prune(target.parent)
+
+
+def temporary_dir() -> Path:
+    """A new private directory for this process's own build, removed when the process exits
+    (the loaded library stays mapped)."""
+    directory = Path(tempfile.mkdtemp(prefix="lstmkit-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
+
+
+def record_path(library: Path, digest: str) -> Path:
+    """Where the record of ``library`` holding the bytes that hash to ``digest`` is."""
+    return library.with_name(f"{library.name}.{digest}{RECORD_SUFFIX}")
+
+
+def _record_text(size: int, digest: str) -> str:
+    return f"{size} {digest}\n"
+
+
+def check(library: Path) -> str | None:
+    """``None`` if ``library`` holds the bytes a build recorded, else what is wrong with it, as
+    the end of a sentence about it. Raises OSError if it cannot be read."""
+    data = library.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    with contextlib.suppress(FileNotFoundError):
+        if record_path(library, digest).read_text() == _record_text(len(data), digest):
+            return None
+    recorded = sorted(_recorded_sizes(library))
+    if not recorded:
+        return (
+            "has no record of the size and SHA-256 its build wrote (copied without it, or the "
+            "record was lost)"
+        )
+    if len(data) not in recorded:
+        wrote = " or ".join(str(size) for size in recorded)
+        return f"is {len(data)} bytes where its build wrote {wrote} (truncated or overwritten)"
+    return "has the size its build wrote but another SHA-256 (its bytes were changed)"
+
+
+def _recorded_sizes(library: Path) -> set[int]:
+    sizes = set()
+    for record in library.parent.glob(f"{library.name}.*{RECORD_SUFFIX}"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            sizes.add(int(record.read_text().split()[0]))
+    return sizes
 
 
 def mark_used(path: Path) -> None:
@@ -141,25 +212,41 @@ def mark_used(path: Path) -> None:
 
 
 def prune(directory: Path, max_age_days: float = STALE_DAYS) -> list[Path]:
-    """Remove the builds in ``directory`` not used for ``max_age_days``; returns them.
+    """Remove the builds in ``directory`` not used for ``max_age_days``, and the records as old
+    whose library is gone; returns them.
 
-    A process that still has one loaded keeps its mapping: removing the file is safe."""
+    A process that still has one loaded keeps its mapping: removing the file is safe. A record
+    is written just before its library is renamed into place, so a young record without its
+    library may be a build's that is finishing: only old ones are removed."""
     cutoff = time.time() - max_age_days * 86400
     removed = []
     for path in directory.glob(f"{PREFIX}*.so"):
-        try:
-            if path.stat().st_mtime < cutoff:
-                path.unlink()
-                removed.append(path)
-        except OSError:
-            continue  # another process pruned it, or it is not ours to remove
+        if _remove_if_older(path, cutoff):
+            removed.append(path)
+    for record in directory.glob(f"{PREFIX}*.so.*{RECORD_SUFFIX}"):
+        library = record.with_name(record.name.rsplit(".", 2)[0])
+        if not library.exists() and _remove_if_older(record, cutoff):
+            removed.append(record)
     return removed
 
 
+def _remove_if_older(path: Path, cutoff: float) -> bool:
+    try:
+        if path.stat().st_mtime < cutoff:
+            path.unlink()
+            return True
+    except OSError:
+        pass  # another process pruned it, or it is not ours to remove
+    return False
+
+
 def _start(command: list[str], cwd: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    try:
+        return subprocess.Popen(
+            command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+    except OSError as error:  # the compiler's fault, not the cache directory's
+        raise BuildError(f"cannot run the C compiler {command[0]}: {error}") from error
 
 
 def _finish(command: list[str], job: subprocess.Popen[str]) -> None:

@@ -3,6 +3,14 @@
 :func:`load` builds the library on first use (see :mod:`.build`), loads it and hands it the
 GEMM it will call: ``sgemm_``/``dgemm_`` from the BLAS torch already loaded (MKL on x86-64
 Linux), checked on a small product first, else the kernels' own loop.
+
+The cache heals itself: a cached library is loaded only once it holds the bytes its build
+recorded (:func:`.build.check`), loads, and agrees with the argument layout below. One that
+fails is rebuilt in place; a cache directory that cannot be created or written, or a rebuild
+that fails too, gives way to a private temporary directory; only a failure there makes the
+backend unavailable (the reason is :func:`failure`). A rebuild or a temporary directory gives
+one :class:`~.build.CacheWarning`, and :attr:`Library.origin` says what happened, for
+``lstmkit backends``.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import functools
 import struct
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +68,7 @@ class Library:
     """The loaded library: where it is, how it was obtained, and its entry points."""
 
     path: Path
+    origin: str  # how this process obtained it, in words: loaded, built or rebuilt, and why
     compiled_seconds: float | None  # None: found in the cache
     blas: str  # which GEMM the kernels call, in words
     kernels: dict[torch.dtype, Kernels]
@@ -70,20 +80,32 @@ _library: Library | None = None
 _failure: str | None = None
 
 
+class _Rejected(Exception):
+    """A library that must not be used; the message ends a sentence about it."""
+
+
+class _CacheUnusable(Exception):
+    """The cache gives no usable library; the message says why."""
+
+
 def load() -> Library:
     """The library, built and loaded on the first call; raises BuildError if it cannot be."""
     global _library, _failure
     if _library is not None:
         return _library
+    warning = None
     with _lock:
         if _library is None:
             if _failure is not None:
                 raise build.BuildError(_failure)
             try:
-                _library = _load()
+                _library, warning = _load()
             except build.BuildError as error:
                 _failure = str(error)
                 raise
+    if warning is not None:
+        # Given once the library is in place: where warnings are errors, later calls still run.
+        warnings.warn(warning, build.CacheWarning, stacklevel=2)
     return _library
 
 
@@ -96,22 +118,103 @@ def failure() -> str | None:
     return None
 
 
-def _load() -> Library:
+def _load() -> tuple[Library, str | None]:
+    """The library, and the warning to give about how it was obtained (or ``None``)."""
     compiler = build.find_compiler()
     if compiler is None:
         raise build.BuildError("no C compiler found (set CC, or install gcc)")
     path = build.library_path(compiler)
-    compiled_seconds = None
-    if not path.exists():
-        start = time.perf_counter()
-        build.build(compiler, path)
-        compiled_seconds = time.perf_counter() - start
-    else:
-        build.mark_used(path)
+    try:
+        cdll, origin, seconds, warning = _from_cache(compiler, path)
+    except _CacheUnusable as unusable:
+        why = str(unusable)
+        path, cdll, seconds = _build_privately(compiler, path.name, why)
+        origin = (
+            f"built in the temporary directory {path.parent} ({seconds:.1f} s; removed at "
+            f"exit) because {why}"
+        )
+        warning = (
+            f"lstmkit cannot use its kernel cache: {why}. It built the cpu kernels in the "
+            f"temporary directory {path.parent} for this process instead (removed at exit); "
+            "set LSTMKIT_CACHE_DIR to a writable directory to build them once."
+        )
+    blas = _set_blas(cdll, builtin=False)
+    return Library(path, origin, seconds, blas, _kernels(cdll), cdll), warning
+
+
+def _from_cache(compiler: str, path: Path) -> tuple[ctypes.CDLL, str, float | None, str | None]:
+    """The library at ``path`` in the cache: loaded if :func:`_open` accepts it, else built
+    there. Returns it, how it was obtained, the seconds spent compiling and the warning to
+    give; raises _CacheUnusable if the cache cannot be written or its build is rejected too."""
+    damage = None
+    try:
+        if path.exists():
+            try:
+                cdll = _open(path)
+            except _Rejected as rejected:
+                damage = str(rejected)
+            else:
+                build.mark_used(path)
+                return cdll, f"loaded from the cache {path}", None, None
+        seconds = _timed_build(compiler, path)
+    except OSError as error:
+        unwritable = f"the cache directory {path.parent} cannot be created or written ({error})"
+        why = (
+            unwritable
+            if damage is None
+            else f"the cached library {path} {damage}, and {unwritable}"
+        )
+        raise _CacheUnusable(why) from error
+    try:
+        cdll = _open(path)
+    except _Rejected as rejected:
+        if damage is None:
+            raise _CacheUnusable(f"the library built in the cache, {path}, {rejected}") from None
+        raise _CacheUnusable(
+            f"the cached library {path} {damage}, and rebuilt, it {rejected}"
+        ) from None
+    if damage is None:
+        return cdll, f"built now in the cache {path} ({seconds:.1f} s)", seconds, None
+    origin = f"rebuilt in the cache {path} ({seconds:.1f} s) because it {damage}"
+    return cdll, origin, seconds, f"lstmkit rebuilt its cpu kernels {path}: it {damage}."
+
+
+def _build_privately(compiler: str, name: str, why: str) -> tuple[Path, ctypes.CDLL, float]:
+    """The library built as ``name`` in a temporary directory of this process's own: its
+    path, the library and the seconds compiling took; BuildError (with ``why``) if it fails."""
+    try:
+        path = build.temporary_dir() / name
+        seconds = _timed_build(compiler, path)
+        return path, _open(path), seconds
+    except (OSError, build.BuildError) as error:
+        raise build.BuildError(
+            f"{why}, and building in a temporary directory failed too: {error}"
+        ) from error
+    except _Rejected as rejected:
+        raise build.BuildError(
+            f"{why}, and the library built in a temporary directory, {path}, {rejected}"
+        ) from rejected
+
+
+def _timed_build(compiler: str, path: Path) -> float:
+    start = time.perf_counter()
+    build.build(compiler, path)
+    return time.perf_counter() - start
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    """The library at ``path``, loaded once it holds the bytes its build recorded; raises
+    _Rejected if it does not, cannot be loaded, or does not match lstmkit's argument layout."""
+    try:
+        damage = build.check(path)
+    except OSError as error:
+        damage = f"cannot be read ({error})"
+    if damage is not None:
+        raise _Rejected(damage)
     try:
         cdll = ctypes.CDLL(str(path))
     except OSError as error:
-        raise build.BuildError(f"cannot load {path}: {error}") from error
+        raise _Rejected(f"cannot be loaded ({error})") from error
     sizes = (
         cdll.lk_layer_bytes(),
         cdll.lk_grads_bytes(),
@@ -120,15 +223,17 @@ def _load() -> Library:
     )
     packed = (LAYER.size, GRADS.size, VARIANT.size, VARIANT_GRADS.size)
     if sizes != packed:
-        raise build.BuildError(
-            f"{path} does not match this lstmkit: its lk_layer, lk_grads, two lk_variant and "
+        raise _Rejected(
+            f"does not match this lstmkit: its lk_layer, lk_grads, two lk_variant and "
             f"lk_variant_grads take {sizes} bytes, lstmkit packs {packed}"
         )
-    cdll.lk_set_blas.argtypes = [_ptr, _ptr, _ptr]
-    cdll.lk_set_blas.restype = None
+    return cdll
+
+
+def _kernels(cdll: ctypes.CDLL) -> dict[torch.dtype, Kernels]:
     layer, grads = ctypes.c_char_p, ctypes.c_char_p  # packed LAYER and GRADS
     variant, variant_grads = ctypes.c_char_p, ctypes.c_char_p  # VARIANT and VARIANT_GRADS
-    kernels = {
+    return {
         dtype: Kernels(
             forward=_function(cdll, f"lk_forward_{suffix}", ctypes.c_int, [layer]),
             backward=_function(cdll, f"lk_backward_{suffix}", ctypes.c_int, [layer, grads]),
@@ -150,7 +255,6 @@ def _load() -> Library:
         )
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))
     }
-    return Library(path, compiled_seconds, _set_blas(cdll, builtin=False), kernels, cdll)
 
 
 def _function(cdll: ctypes.CDLL, name: str, restype: object, argtypes: list) -> ctypes._CFuncPtr:
@@ -173,6 +277,8 @@ def use_builtin_gemm(builtin: bool) -> str:
 
 
 def _set_blas(cdll: ctypes.CDLL, builtin: bool) -> str:
+    cdll.lk_set_blas.argtypes = [_ptr, _ptr, _ptr]  # addresses: 64 bits, not a C int
+    cdll.lk_set_blas.restype = None
     found = None if builtin else _find_blas()
     if found is None:
         cdll.lk_set_blas(None, None, None)
