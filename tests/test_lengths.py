@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -93,15 +94,77 @@ def test_lengths_accept_lists_tensors_and_unbatched(backend: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "lengths",
+    [
+        np.array([2, 5]),
+        np.array([2, 5], dtype=np.uint8),
+        [np.int64(2), np.int32(5)],
+        (np.int16(2), 5),
+        torch.tensor([2.0, 5.0]),
+        [2.0, 5],
+        np.array([2.0, 5.0], dtype=np.float32),
+    ],
+    ids=[
+        "numpy",
+        "numpy-uint8",
+        "numpy-ints",
+        "numpy-tuple",
+        "whole-tensor",
+        "whole-list",
+        "np-f32",
+    ],
+)
+def test_lengths_accept_what_pack_padded_sequence_accepts(lengths: object) -> None:
+    lstm = lstmkit.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    expected, _ = lstm(x, lengths=[2, 5])
+    got, _ = lstm(x, lengths=lengths)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("length", [np.int64(2), np.array(2), 2.0], ids=["numpy", "0-d", "float"])
+def test_one_length_of_an_unbatched_sequence(length: object) -> None:
+    lstm = lstmkit.LSTM(3, 4)
+    x = torch.randn(5, 3)
+    expected, _ = lstm(x, lengths=2)
+    got, _ = lstm(x, lengths=length)
+    assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
     ("lengths", "error", "fragment"),
     [
         ([1, 2, 3], ValueError, "N = 2"),
         ([1, 6], ValueError, "[0, 5]"),
         ([-1, 2], ValueError, "[0, 5]"),
-        (torch.tensor([1.0, 2.0]), TypeError, "integers"),
+        (torch.tensor([1.0, 2.5]), TypeError, "whole numbers, got 2.5"),
+        ([1, 2.5], TypeError, "whole numbers, got 2.5"),
+        (np.array([3.0, float("nan")]), TypeError, "whole numbers, got nan"),
+        ([float("inf"), 1], TypeError, "whole numbers, got inf"),
+        ([2.0000001, 1], TypeError, "whole numbers, got 2.0000001"),
+        ([True, 2], TypeError, "got a bool"),
+        (torch.tensor([True, True]), TypeError, "dtype torch.bool"),
+        (np.array([True, True]), TypeError, "dtype torch.bool"),
+        (torch.tensor([1j, 2]), TypeError, "dtype torch.complex64"),
         ("12", TypeError, "list of ints"),
+        ([1, None], TypeError, "list of ints"),
     ],
-    ids=["count", "too-long", "negative", "float", "string"],
+    ids=[
+        "count",
+        "too-long",
+        "negative",
+        "fraction-tensor",
+        "fraction-list",
+        "nan",
+        "inf",
+        "nearly-whole",
+        "bool-list",
+        "bool-tensor",
+        "bool-numpy",
+        "complex",
+        "string",
+        "none",
+    ],
 )
 def test_bad_lengths_are_explained(lengths: object, error: type, fragment: str) -> None:
     lstm = lstmkit.LSTM(3, 4)

@@ -180,27 +180,14 @@ def _state_hint(
 
 
 def check_lengths(lengths: object, batched: bool, steps: int, batch: int, spec: LSTMSpec) -> Tensor:
-    """``lengths=`` of a padded batch as an (N,) int64 CPU tensor with values in [0, L]."""
-    if isinstance(lengths, Tensor):
-        if (
-            lengths.dtype.is_floating_point
-            or lengths.dtype.is_complex
-            or lengths.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"lengths must hold integers, got a tensor of dtype {lengths.dtype}" + hint(spec)
-            )
-        values = lengths.detach().to("cpu", torch.int64)
-    else:
-        items = [lengths] if isinstance(lengths, int) else lengths
-        if not isinstance(items, Sequence) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in items
-        ):
-            raise TypeError(
-                f"lengths must be a 1-D integer tensor or a list of ints, got {lengths!r}"
-                + hint(spec)
-            )
-        values = torch.tensor(items, dtype=torch.int64)
+    """``lengths=`` of a padded batch as an (N,) int64 CPU tensor with values in [0, L].
+
+    Accepted as ``pack_padded_sequence`` accepts them: an integer tensor, a numpy integer array
+    or scalar, an int or a list/tuple of ints (Python or numpy), and floats with whole values
+    (a tensor or a list, e.g. ``torch.tensor([3., 2.])``). numpy is never imported: anything
+    that is not a tensor goes through ``torch.as_tensor``.
+    """
+    values = _length_values(lengths, spec)
     expected = (batch,) if batched else (1,)
     if values.dim() == 0:
         values = values.reshape(1)
@@ -380,3 +367,40 @@ def _refuse(
     else:
         problem = f"has layout {tensor.layout}, expected a dense tensor (torch.strided)"
     raise RuntimeError(f"LSTM parameter {name} {problem}" + hint(spec))
+
+
+def _length_values(lengths: object, spec: LSTMSpec) -> Tensor:
+    """``lengths`` as an int64 CPU tensor of any shape, or a TypeError saying what is wrong."""
+    if isinstance(lengths, Tensor):
+        values = lengths.detach()
+    else:
+        # torch.as_tensor would read True as 1; a bool is not a length.
+        items = lengths if isinstance(lengths, (list, tuple)) else (lengths,)
+        if any(isinstance(v, bool) for v in items):
+            raise TypeError(f"lengths must hold integers, got a bool in {lengths!r}" + hint(spec))
+        try:
+            values = torch.as_tensor(lengths, device="cpu")
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise TypeError(
+                f"lengths must be a 1-D integer tensor, a numpy integer array or a list of "
+                f"ints, got {lengths!r} ({error})" + hint(spec)
+            ) from error
+        if values.dtype.is_floating_point:
+            # Again in float64: a list of floats becomes float32, which rounds 2.0000001 to 2.
+            values = torch.as_tensor(lengths, dtype=torch.float64, device="cpu")
+    if values.dtype.is_complex or values.dtype == torch.bool:
+        raise TypeError(
+            f"lengths must hold integers, got values of dtype {values.dtype}" + hint(spec)
+        )
+    if values.dtype.is_floating_point:
+        whole = torch.isfinite(values) & (values == values.trunc())
+        if not bool(whole.all()):
+            # TypeError, as torch's argument parser raises for a float where an int is needed
+            # (torch.zeros(2.5), nn.LSTM(4, 2.5)); whole floats pass only because
+            # pack_padded_sequence takes them.
+            bad = values[~whole].flatten()[0].item()
+            raise TypeError(
+                f"lengths count steps, so they must be whole numbers, got {bad} (lengths of "
+                f"dtype {values.dtype})" + hint(spec)
+            )
+    return values.to("cpu", torch.int64)

@@ -43,7 +43,8 @@ and noise, drawn by the layout layer from torch's RNG so every backend sees the 
 Variable lengths: sequence ``b`` is valid for steps ``t < lengths[b]``. At a padded step its
 state is carried unchanged and its output is zero, so the forward direction ends with the state
 of its own last valid step, and the backward direction (which walks ``t = L-1, ..., 0``) starts
-from the initial state at its own last valid step.
+from the initial state at its own last valid step. Padding is never read: a padded step's
+input counts as zero, so whatever the padding holds (NaN, Inf) reaches no output and no gradient.
 
 Legend: L steps, N batch, I input features, H cell size, P = proj_size or H (size of h).
 """
@@ -180,6 +181,11 @@ def lstm_direction(
         ``cell_sequence`` the cells (L, N, H), zeros at padded steps.
     """
     steps = x.shape[0]
+    if lengths is not None:
+        # Padding is never read: its values (NaN or Inf included) would otherwise reach the
+        # gradients through padded steps' products, even though their results are discarded.
+        padded = torch.arange(steps, device=x.device).unsqueeze(1) >= lengths  # (L, N)
+        x = x.masked_fill(padded.unsqueeze(2), 0.0)  # (L, N, I)
     gates_x = project_input(x, weights, variant)  # (L, N, 4H)
     h, c = h0, c0  # (N, P), (N, H)
     outputs: list[Tensor] = [h0] * steps
