@@ -7,12 +7,24 @@ from pathlib import Path
 import pytest
 
 from lstmkit import backends
+from lstmkit.backends.cpu import machine
 
 
 @pytest.fixture(params=backends.PREFERENCE)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Each test using this fixture runs once per backend, forced through LSTMKIT_BACKEND."""
     monkeypatch.setenv(backends.BACKEND_ENV, request.param)
+    return request.param
+
+
+@pytest.fixture(params=[tier.name for tier in machine.TIERS])
+def cpu_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each test using this fixture runs once per ISA tier of the cpu kernels, selected through
+    LSTMKIT_CPU_TARGET; a tier this CPU cannot execute is skipped, with the reason."""
+    reason = machine.machine().runs(machine.tier_named(request.param))
+    if reason is not None:
+        pytest.skip(f"the {request.param} tier cannot run here: {reason}")
+    monkeypatch.setenv(machine.TARGET_ENV, request.param)
     return request.param
 
 

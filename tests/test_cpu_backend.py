@@ -125,7 +125,7 @@ def run_both(layer: Layer, dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
 @pytest.mark.parametrize("layer", LAYERS, ids=lambda c: c.name)
-def test_matches_reference(layer: Layer, dtype: torch.dtype) -> None:
+def test_matches_reference(cpu_tier: str, layer: Layer, dtype: torch.dtype) -> None:
     run_both(layer, dtype)
 
 
@@ -186,7 +186,7 @@ def builtin_gemm():
     [BY_NAME[n] for n in ("tiny", "lengths-proj-cells", "batch-1-gemm")],
     ids=lambda c: c.name,
 )
-def test_matches_reference_without_blas(layer: Layer, builtin_gemm: str) -> None:
+def test_matches_reference_without_blas(cpu_tier: str, layer: Layer, builtin_gemm: str) -> None:
     assert "own GEMM loop" in builtin_gemm
     run_both(layer, torch.float64)
 
@@ -217,7 +217,7 @@ def one_and_two_threads(layer: Layer, dtype: torch.dtype = torch.float32) -> lis
     "name",
     ["threads", "batch-1-threads", "batch-1-pair", "batch-1-pair-partial", "batch-1-pair-bi"],
 )
-def test_same_bits_on_one_and_two_threads(name: str) -> None:
+def test_same_bits_on_one_and_two_threads(cpu_tier: str, name: str) -> None:
     """A team of two threads splits the units of each step: the results do not change a bit."""
     one, two = one_and_two_threads(BY_NAME[name])
     for a, b in zip(one, two):
@@ -241,7 +241,9 @@ def late_thread():
     [(1, 0), (1, 5), (0, 5), (0, 0)],
     ids=["helper-0", "helper-5", "caller-5", "caller-0"],
 )
-def test_pair_with_a_late_thread(late_thread, rank: int, step: int, dtype: torch.dtype) -> None:
+def test_pair_with_a_late_thread(
+    cpu_tier: str, late_thread, rank: int, step: int, dtype: torch.dtype
+) -> None:
     """When one thread of the pair stops for a while, the other computes its halves too: the
     results are the same bits as on one thread (and the late thread's rewrites change none)."""
     late_thread(rank, step, 2000)
@@ -440,7 +442,7 @@ def test_build_into_a_fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 def test_build_failure_is_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(build, "find_compiler", lambda: None)
     with pytest.raises(build.BuildError, match="no C compiler found"):
-        library._load()
+        library._load("native")
 
 
 def test_unbuildable_kernels_fall_back_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -126,6 +126,7 @@ def uses_layer_norm(variant: str) -> bool:
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(
+    cpu_tier: str,
     monkeypatch: pytest.MonkeyPatch,
     dtype: str,
     variant: str,
@@ -146,7 +147,7 @@ def test_matches_reference(
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("shape", THREADED)
 def test_matches_reference_on_two_threads(
-    monkeypatch: pytest.MonkeyPatch, shape: str, training: bool
+    cpu_tier: str, monkeypatch: pytest.MonkeyPatch, shape: str, training: bool
 ) -> None:
     lstm = make_module({**THREADED[shape], **VARIANTS["all"]}, torch.float64).train(training)
     compare(monkeypatch, lstm, THREADED_BATCH, [STEPS] * 40 + [5, 3, 2, 0] * 2)
@@ -159,13 +160,15 @@ def builtin_gemm():
     library.use_builtin_gemm(False)
 
 
-def test_matches_reference_without_blas(monkeypatch: pytest.MonkeyPatch, builtin_gemm: str) -> None:
+def test_matches_reference_without_blas(
+    cpu_tier: str, monkeypatch: pytest.MonkeyPatch, builtin_gemm: str
+) -> None:
     assert "own GEMM loop" in builtin_gemm
     lstm = make_module({**SHAPES["bi-two-layers-proj"], **VARIANTS["all"]}, torch.float64)
     compare(monkeypatch, lstm, BATCH, LENGTHS)
 
 
-def test_packed_input(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_packed_input(cpu_tier: str, monkeypatch: pytest.MonkeyPatch) -> None:
     lstm = make_module({**SHAPES["bi-two-layers-proj"], **VARIANTS["all"]}, torch.float64)
     x = torch.randn(STEPS, BATCH, 4, dtype=torch.float64, requires_grad=True)
     names = ["x", *(n for n, _ in lstm.named_parameters())]

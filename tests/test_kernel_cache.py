@@ -246,7 +246,7 @@ def test_no_temporary_directory_is_a_reason(
 
     monkeypatch.setattr(tempfile, "mkdtemp", no_temporary_directory)
     with pytest.raises(build.BuildError) as raised:
-        library._load()
+        library._load("native")
     message = str(raised.value)
     assert message.startswith(f"the cache directory {cache} cannot be created or written (")
     assert "and building in a temporary directory failed too: [Errno 13] Permission denied" in (

@@ -57,6 +57,10 @@ class Backend:
         """``None`` if this backend can run ``request``, else why not, in one sentence."""
         raise NotImplementedError
 
+    def details(self) -> list[str]:
+        """Facts behind this backend's plans (the machine, for the cpu backend), a line each."""
+        return []
+
     def warmup(self) -> str:
         """Do any one-time work (compiling, loading) now; say what was done."""
         return "nothing to prepare"

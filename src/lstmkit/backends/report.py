@@ -29,6 +29,7 @@ def report_lines() -> list[str]:
     for name in backends.PREFERENCE:
         backend = backends.get(name)
         lines.append(f"{name}: {backend.description}")
+        lines += [f"  {line}" for line in backend.details()]
         variants = ", ".join(sorted(backend.variants)) or "none yet (calls using one go elsewhere)"
         lines.append(f"  step variants: {variants}")
     last = backends.last_choice()

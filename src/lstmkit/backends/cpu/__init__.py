@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from lstmkit.backends import Backend, Request
-from lstmkit.backends.cpu import build, library
+from lstmkit.backends.cpu import build, library, machine
 from lstmkit.backends.cpu import variants as variants_module
 from lstmkit.backends.cpu.function import LayerFunction, run, through_function
 from lstmkit.backends.cpu.stack import StackFunction, run_stack
@@ -36,13 +36,21 @@ class CpuBackend(Backend):
         reason = library.failure()
         if reason is None:
             loaded = library.load()
-            state = f"GEMM: {loaded.blas}; kernels {loaded.origin}"
+            tier = loaded.tier
+            state = (
+                f"tier {tier.name} ({tier.vector_bytes}-byte vectors, {tier.registers} "
+                f"registers{', tuned for this CPU' if loaded.native else ''}): "
+                f"{loaded.tier_reason}; GEMM: {loaded.blas}; kernels {loaded.origin}"
+            )
         else:
             state = f"GEMM: none, the kernels are not built: {reason}"
         return (
             "fused C kernels (OpenMP, vectorised gates) built with the machine's C compiler; "
             f"float32 and float64 on CPU; {state}"
         )
+
+    def details(self) -> list[str]:
+        return machine.describe(machine.machine())
 
     def unavailable_reason(self, request: Request) -> str | None:
         if request.device_type != "cpu":

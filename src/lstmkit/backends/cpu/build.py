@@ -1,8 +1,9 @@
 """Compiling the cpu backend's C library with the machine's compiler, once per machine.
 
 The library is built on first use (or by ``lstmkit warmup``) into a cache directory, under a
-name that hashes everything that shapes the binary: the sources, the flags, the compiler and
-the CPU (the flags include ``-march=native``). A later process finds it there and only loads it.
+name that hashes everything that shapes the binary: the sources, the flags (those of the ISA
+tier, see :mod:`.machine`: ``-march=native`` for the native one), the compiler and the CPU. A
+later process finds it there and only loads it.
 Concurrent builds are safe: each writes a private temporary file and renames it into place.
 
 Integrity: beside each library, its build leaves a record of its size and SHA-256, in a file
@@ -38,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from lstmkit.backends.cpu import machine
+
 SOURCE_DIR = Path(__file__).resolve().parent
 HEADERS = ("lstm.h", "real.h")
 # (source, extra flags, object name): kernel.c and variant.c are compiled once per element type.
@@ -50,7 +53,6 @@ UNITS = (
 )
 FLAGS = (
     "-O3",
-    "-march=native",
     "-std=gnu11",
     "-fPIC",
     "-fopenmp",
@@ -103,29 +105,38 @@ def find_compiler() -> str | None:
     return None
 
 
+def target_flags(tier: machine.Tier, native: bool) -> tuple[str, ...]:
+    """The compiler flags of a build for ``tier``: tuned for this very CPU when ``native``,
+    else exactly the tier's instruction set; the kernels' vector width follows the tier."""
+    if not native:
+        isa = tier.flags
+    elif machine.machine().arch in ("x86_64", "aarch64"):  # where GCC knows -march=native
+        wide = ("-mprefer-vector-width=512",) if tier.vector_bytes == 64 else ()
+        isa = ("-march=native", *wide)
+    else:
+        isa = ()
+    return (*isa, f"-DLK_VBYTES={tier.vector_bytes}")
+
+
 def _cpu_identity() -> str:
-    """What ``-march=native`` depends on: the CPU model and its feature flags."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            lines = [
-                line
-                for line in info.read().splitlines()
-                if line.startswith(("model name", "flags"))
-            ]
-        return "\n".join(lines[:2])
-    except OSError:
-        return f"{platform.machine()} {platform.processor()}"
+    """What ``-march=native`` depends on: the CPU's identity (x86 vendor, family, model and
+    stepping; aarch64 implementer and part), its name and its features."""
+    facts = machine.machine()
+    return f"{facts.arch} {facts.identity} {facts.model_name} {sorted(facts.features)}"
 
 
-def library_path(compiler: str) -> Path:
-    """Where the library built by ``compiler`` for this machine lives in the cache."""
+def library_path(compiler: str, flags: tuple[str, ...] | None = None) -> Path:
+    """Where the library built by ``compiler`` with the tier's ``flags`` (default: the tier
+    :func:`machine.select` picks) for this machine lives in the cache."""
+    if flags is None:
+        flags = target_flags(*machine.select(machine.machine())[:2])
     digest = hashlib.sha256()
     for name in sorted({unit[0] for unit in UNITS} | set(HEADERS)):
         digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
     real = os.path.realpath(compiler)
     stat = os.stat(real)
     for part in (
-        repr((CACHE_FORMAT, UNITS, FLAGS, LINK_FLAGS, LIBRARIES, sanitize_flags())),
+        repr((CACHE_FORMAT, UNITS, FLAGS, flags, LINK_FLAGS, LIBRARIES, sanitize_flags())),
         f"{real} {stat.st_size} {stat.st_mtime_ns}",
         _cpu_identity(),
         platform.platform(),
@@ -134,15 +145,16 @@ def library_path(compiler: str) -> Path:
     return cache_dir() / f"{PREFIX}{digest.hexdigest()[:20]}.so"
 
 
-def build(compiler: str, target: Path) -> None:
-    """Compile the sources with ``compiler`` into the shared library ``target``."""
+def build(compiler: str, target: Path, flags: tuple[str, ...] = ()) -> None:
+    """Compile the sources with ``compiler`` and a tier's ``flags`` (see :func:`target_flags`)
+    into the shared library ``target``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         jobs = []
         sanitizing = sanitize_flags()
         for source, extra, obj in UNITS:
-            command = [compiler, *FLAGS, *sanitizing, *extra, "-c", str(SOURCE_DIR / source)]
-            command += ["-o", obj]
+            command = [compiler, *FLAGS, *flags, *sanitizing, *extra]
+            command += ["-c", str(SOURCE_DIR / source), "-o", obj]
             jobs.append((command, _start(command, tmp)))
         for command, job in jobs:
             _finish(command, job)

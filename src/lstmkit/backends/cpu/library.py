@@ -1,4 +1,5 @@
-"""The compiled kernels, loaded once per process, and the layout of their arguments (lstm.h).
+"""The compiled kernels, loaded once per process and cpu target (ISA tier, see :mod:`.machine`),
+and the layout of their arguments (lstm.h).
 
 :func:`load` builds the library on first use (see :mod:`.build`), loads it and hands it the
 GEMM it will call: ``sgemm_``/``dgemm_`` from the BLAS torch already loaded (MKL on x86-64
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import os
 import struct
 import threading
 import time
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from lstmkit.backends.cpu import build
+from lstmkit.backends.cpu import build, machine
 
 _ptr = ctypes.c_void_p
 
@@ -73,11 +75,15 @@ class Library:
     blas: str  # which GEMM the kernels call, in words
     kernels: dict[torch.dtype, Kernels]
     cdll: ctypes.CDLL
+    tier: machine.Tier  # the ISA tier it is built for
+    native: bool  # tuned for this very CPU (-march=native)
+    tier_reason: str  # why that tier, in words
 
 
 _lock = threading.Lock()
-_library: Library | None = None
-_failure: str | None = None
+# Per cpu target (LSTMKIT_CPU_TARGET: "native" or a tier's name): its library, or why not.
+_libraries: dict[str, Library] = {}
+_failures: dict[str, str] = {}
 
 
 class _Rejected(Exception):
@@ -88,47 +94,59 @@ class _CacheUnusable(Exception):
     """The cache gives no usable library; the message says why."""
 
 
-def load() -> Library:
-    """The library, built and loaded on the first call; raises BuildError if it cannot be."""
-    global _library, _failure
-    if _library is not None:
-        return _library
+def current_target() -> str:
+    """The cpu target asked for now: ``$LSTMKIT_CPU_TARGET``, read at each call, or native."""
+    return os.environ.get(machine.TARGET_ENV, "").strip() or "native"
+
+
+def load(target: str | None = None) -> Library:
+    """The library for ``target`` (default: :func:`current_target`), built and loaded on its
+    first call; raises BuildError if it cannot be, or if this CPU cannot run that target."""
+    if target is None:
+        target = current_target()
+    library = _libraries.get(target)
+    if library is not None:
+        return library
     warning = None
     with _lock:
-        if _library is None:
-            if _failure is not None:
-                raise build.BuildError(_failure)
+        library = _libraries.get(target)
+        if library is None:
+            if target in _failures:
+                raise build.BuildError(_failures[target])
             try:
-                _library, warning = _load()
-            except build.BuildError as error:
-                _failure = str(error)
-                raise
+                library, warning = _load(target)
+            except (build.BuildError, RuntimeError, ValueError) as error:
+                _failures[target] = str(error)
+                raise build.BuildError(str(error)) from error
+            _libraries[target] = library
     if warning is not None:
         # Given once the library is in place: where warnings are errors, later calls still run.
         warnings.warn(warning, build.CacheWarning, stacklevel=2)
-    return _library
+    return library
 
 
-def failure() -> str | None:
-    """``None`` if the library loads (building it if needed), else why it cannot."""
+def failure(target: str | None = None) -> str | None:
+    """``None`` if the library for ``target`` loads (building it if needed), else why not."""
     try:
-        load()
+        load(target)
     except build.BuildError as error:
         return str(error)
     return None
 
 
-def _load() -> tuple[Library, str | None]:
+def _load(target: str) -> tuple[Library, str | None]:
     """The library, and the warning to give about how it was obtained (or ``None``)."""
+    tier, native, why_tier = machine.select(machine.machine(), target)
+    flags = build.target_flags(tier, native)
     compiler = build.find_compiler()
     if compiler is None:
         raise build.BuildError("no C compiler found (set CC, or install gcc)")
-    path = build.library_path(compiler)
+    path = build.library_path(compiler, flags)
     try:
-        cdll, origin, seconds, warning = _from_cache(compiler, path)
+        cdll, origin, seconds, warning = _from_cache(compiler, path, flags)
     except _CacheUnusable as unusable:
         why = str(unusable)
-        path, cdll, seconds = _build_privately(compiler, path.name, why)
+        path, cdll, seconds = _build_privately(compiler, path.name, flags, why)
         origin = (
             f"built in the temporary directory {path.parent} ({seconds:.1f} s; removed at "
             f"exit) because {why}"
@@ -139,10 +157,13 @@ def _load() -> tuple[Library, str | None]:
             "set LSTMKIT_CACHE_DIR to a writable directory to build them once."
         )
     blas = _set_blas(cdll, builtin=False)
-    return Library(path, origin, seconds, blas, _kernels(cdll), cdll), warning
+    library = Library(path, origin, seconds, blas, _kernels(cdll), cdll, tier, native, why_tier)
+    return library, warning
 
 
-def _from_cache(compiler: str, path: Path) -> tuple[ctypes.CDLL, str, float | None, str | None]:
+def _from_cache(
+    compiler: str, path: Path, flags: tuple[str, ...]
+) -> tuple[ctypes.CDLL, str, float | None, str | None]:
     """The library at ``path`` in the cache: loaded if :func:`_open` accepts it, else built
     there. Returns it, how it was obtained, the seconds spent compiling and the warning to
     give; raises _CacheUnusable if the cache cannot be written or its build is rejected too."""
@@ -156,7 +177,7 @@ def _from_cache(compiler: str, path: Path) -> tuple[ctypes.CDLL, str, float | No
             else:
                 build.mark_used(path)
                 return cdll, f"loaded from the cache {path}", None, None
-        seconds = _timed_build(compiler, path)
+        seconds = _timed_build(compiler, path, flags)
     except OSError as error:
         unwritable = f"the cache directory {path.parent} cannot be created or written ({error})"
         why = (
@@ -179,12 +200,14 @@ def _from_cache(compiler: str, path: Path) -> tuple[ctypes.CDLL, str, float | No
     return cdll, origin, seconds, f"lstmkit rebuilt its cpu kernels {path}: it {damage}."
 
 
-def _build_privately(compiler: str, name: str, why: str) -> tuple[Path, ctypes.CDLL, float]:
+def _build_privately(
+    compiler: str, name: str, flags: tuple[str, ...], why: str
+) -> tuple[Path, ctypes.CDLL, float]:
     """The library built as ``name`` in a temporary directory of this process's own: its
     path, the library and the seconds compiling took; BuildError (with ``why``) if it fails."""
     try:
         path = build.temporary_dir() / name
-        seconds = _timed_build(compiler, path)
+        seconds = _timed_build(compiler, path, flags)
         return path, _open(path), seconds
     except (OSError, build.BuildError) as error:
         raise build.BuildError(
@@ -196,9 +219,9 @@ def _build_privately(compiler: str, name: str, why: str) -> tuple[Path, ctypes.C
         ) from rejected
 
 
-def _timed_build(compiler: str, path: Path) -> float:
+def _timed_build(compiler: str, path: Path, flags: tuple[str, ...]) -> float:
     start = time.perf_counter()
-    build.build(compiler, path)
+    build.build(compiler, path, flags)
     return time.perf_counter() - start
 
 
@@ -269,11 +292,12 @@ def use_builtin_gemm(builtin: bool) -> str:
 
     Returns the choice in words. The tests use it to cover both.
     """
-    global _library
-    library = load()
+    target = current_target()
+    library = load(target)
     with _lock:
-        _library = dataclasses.replace(library, blas=_set_blas(library.cdll, builtin))
-    return _library.blas
+        library = dataclasses.replace(library, blas=_set_blas(library.cdll, builtin))
+        _libraries[target] = library
+    return library.blas
 
 
 def _set_blas(cdll: ctypes.CDLL, builtin: bool) -> str:

@@ -17,7 +17,9 @@
 #endif
 
 #define LK_INLINE static inline __attribute__((always_inline))
-#define LK_VBYTES 32 /* bytes per vector: AVX2; GCC splits it where vectors are narrower */
+#ifndef LK_VBYTES /* bytes per vector: the build passes its tier's width (lstmkit.backends.cpu.machine) */
+#define LK_VBYTES 32
+#endif
 /* Below this many floating-point operations per call the work runs on one thread: waking a
  * second one costs more than it saves, and much more when another process holds a core. */
 #define LK_SERIAL_FLOPS 4.0e7

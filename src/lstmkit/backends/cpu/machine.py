@@ -111,6 +111,27 @@ def machine() -> Machine:
     return read()
 
 
+def describe(facts: Machine) -> list[str]:
+    """The facts in words, a line each, for ``lstmkit backends``."""
+    l3 = f"L3 {_size(facts.l3)} shared by {facts.l3_shared_by} CPUs" if facts.l3 else "no L3"
+    vector = sorted(f for f in facts.features if f.startswith(("avx", "fma", "amx", "sve")))
+    vector += sorted(f for f in facts.features if f in ("asimd", "neon"))
+    return [
+        f"CPU: {facts.model_name} ({facts.arch}; {facts.identity}), {facts.cores} cores for "
+        "this process",
+        f"caches ({facts.caches_from}): L1d {_size(facts.l1d)} and L2 {_size(facts.l2)} per "
+        f"core, {l3}",
+        f"vector features: {' '.join(vector) or 'none known'}",
+    ]
+
+
+def _size(count: int) -> str:
+    for unit, scale in (("MiB", 1024**2), ("KiB", 1024)):
+        if count >= scale and count % scale == 0:
+            return f"{count // scale} {unit}"
+    return f"{count} B"
+
+
 def tier_named(name: str) -> Tier:
     for tier in TIERS:
         if tier.name == name:
