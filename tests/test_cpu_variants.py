@@ -40,7 +40,7 @@ SHAPES = {
         "proj_size": 6,
     },
 }
-# Enough work per call (LK_SERIAL_FLOPS) for two threads: directions side by side, or one
+# Enough work per call (the plan's serial_flops) for two threads: directions side by side, or one
 # direction with the BLAS on two threads.
 THREADED = {
     "threads-bi": {"input_size": 96, "hidden_size": 128, "bidirectional": True},

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lstmkit.backends.cpu import machine
+from lstmkit.backends import report
+from lstmkit.backends.cpu import library, machine
 
 SYSFS = Path("/sys/devices/system/cpu/cpu0/cache")
 
@@ -98,3 +99,29 @@ def test_sysfs_lists_and_sizes_are_parsed(tmp_path: Path) -> None:
             (folder / name).write_text(f"{value}\n")
     assert machine._sysfs_caches(tmp_path) == (48 * 1024, 2048 * 1024, 105 * 1024**2, 112)
     assert machine._sysfs_caches(tmp_path / "missing") is None
+
+
+def test_the_plan_follows_the_machine() -> None:
+    small = dataclasses.replace(machine.read(), l1d=16 * 1024, l2=256 * 1024, cores=1)
+    big = dataclasses.replace(machine.read(), l1d=48 * 1024, l2=2048 * 1024)
+    avx2, avx512 = machine.tier_named("avx2"), machine.tier_named("avx512")
+    on_small, on_big = machine.plan(small, avx2), machine.plan(big, avx512)
+    assert (on_small.row_bytes, on_small.small_bytes, on_small.pass_bytes) == (
+        256 * 1024,
+        16 * 1024,
+        32 * 1024,
+    )
+    assert (on_big.row_bytes, on_big.fuse_bytes, on_big.pass_bytes) == (
+        2048 * 1024,
+        48 * 1024,
+        256 * 1024,
+    )
+    assert on_big.serial_flops == 2 * machine.plan(big, avx2).serial_flops  # twice the width
+
+
+def test_the_loaded_kernels_have_this_machines_plan() -> None:
+    loaded = library.load()
+    assert loaded.plan == machine.plan(machine.machine(), loaded.tier)
+    shown = "\n".join(report.report_lines())
+    assert f"tier {loaded.tier.name}" in shown
+    assert f"up to {machine._size(int(loaded.plan.row_bytes))}" in shown

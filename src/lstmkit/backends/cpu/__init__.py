@@ -50,7 +50,10 @@ class CpuBackend(Backend):
         )
 
     def details(self) -> list[str]:
-        return machine.describe(machine.machine())
+        lines = machine.describe(machine.machine())
+        if library.failure() is None:
+            lines += [f"plan: {line}" for line in library.load().plan.describe()]
+        return lines
 
     def unavailable_reason(self, request: Request) -> str | None:
         if request.device_type != "cpu":

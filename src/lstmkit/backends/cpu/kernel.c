@@ -70,13 +70,10 @@
 #include "real.h"
 
 #define W (4 * V) /* columns per panel */
-/* Batch 1 (see row_block), where W_hh fits a core's L2 (at most ROW bytes; a bigger one streams
- * from L3 each step, where the panel path on every thread does better): weights of at most SMALL
- * bytes are packed for broadcasts (they stay in L1); above, W_ih of at most FUSE bytes is read
+/* Batch 1 (see row_block), where W_hh fits a core's L2 (the plan's row_bytes; a bigger one
+ * streams from L3 each step, where the panel path on every thread does better): weights that
+ * fit L1d (small_bytes) are packed for broadcasts; above, W_ih that fits L1d (fuse_bytes) is read
  * inside the step, a bigger one by a GEMM. */
-#define LK_ROW_BYTES 524288.0
-#define LK_SMALL_BYTES 32768.0
-#define LK_FUSE_BYTES 32768.0
 
 static int64_t clamp_lanes(int64_t n) { return n < 0 ? 0 : n > V ? V : n; }
 
@@ -174,9 +171,10 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
     w->Pb = (a->P + W - 1) / W;
     w->Pp = w->Pb * W;
     w->proj = a->w[d][LK_W_HR] != NULL;
-    w->row = a->B == 1 && !w->proj && (double)(4 * a->H * a->P) * sizeof(real) <= LK_ROW_BYTES;
-    w->small = w->row && (double)((a->I + a->P) * w->Gp) * sizeof(real) <= LK_SMALL_BYTES;
-    w->fuse = w->small || (w->row && (double)(4 * a->H * a->I) * sizeof(real) <= LK_FUSE_BYTES);
+    const lk_plan *plan = &lk_planned;
+    w->row = a->B == 1 && !w->proj && (double)(4 * a->H * a->P) * sizeof(real) <= plan->row_bytes;
+    w->small = w->row && (double)((a->I + a->P) * w->Gp) * sizeof(real) <= plan->small_bytes;
+    w->fuse = w->small || (w->row && (double)(4 * a->H * a->I) * sizeof(real) <= plan->fuse_bytes);
     w->w_ih = a->w[d][LK_W_IH];
     w->w_hh = a->w[d][LK_W_HH];
     w->x = a->x;
@@ -423,16 +421,20 @@ static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, 
     }
 }
 
-/* Rows of the panel per pass: 64 KB of it, which stays in L2 while every row tile reads it.
- * The passes accumulate in C, so the sums are the same as in one pass. */
-#define PANEL_ROWS_PER_PASS ((int64_t)(65536 / (W * sizeof(real))))
+/* Rows of the panel per pass: the plan's pass_bytes of it, which stay in L2 while every row
+ * tile reads them. The passes accumulate in C, so the sums are the same as in one pass. */
+static int64_t panel_rows_per_pass(void)
+{
+    const int64_t rows = (int64_t)(lk_planned.pass_bytes / (double)(W * sizeof(real)));
+    return rows > 0 ? rows : 1;
+}
 
 static void panel_rows(int64_t n, int64_t k, const rows_t *a, const panel_t *p,
                        const rows_t *init, const real *bias, const rows_t *c)
 {
     int64_t k0 = 0;
     do {
-        const int64_t k1 = min64(k, k0 + PANEL_ROWS_PER_PASS);
+        const int64_t k1 = min64(k, k0 + panel_rows_per_pass());
         panel_rows_part(n, k0, k1, a, p, k0 == 0 ? init : c, k0 == 0 ? bias : NULL, c);
         k0 = k1;
     } while (k0 < k);

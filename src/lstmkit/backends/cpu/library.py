@@ -49,6 +49,8 @@ LAYER = struct.Struct("=7q19Q")
 GRADS = struct.Struct("=17Q")
 VARIANT = struct.Struct("=10Q2d10Q2d")
 VARIANT_GRADS = struct.Struct("=14Q")
+# lk_plan: machine.Plan's fields as doubles, in its order.
+PLAN = struct.Struct("=5d")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Library:
     tier: machine.Tier  # the ISA tier it is built for
     native: bool  # tuned for this very CPU (-march=native)
     tier_reason: str  # why that tier, in words
+    plan: machine.Plan  # the thresholds handed to the kernels
 
 
 _lock = threading.Lock()
@@ -157,7 +160,12 @@ def _load(target: str) -> tuple[Library, str | None]:
             "set LSTMKIT_CACHE_DIR to a writable directory to build them once."
         )
     blas = _set_blas(cdll, builtin=False)
-    library = Library(path, origin, seconds, blas, _kernels(cdll), cdll, tier, native, why_tier)
+    plan = machine.plan(machine.machine(), tier)
+    cdll.lk_set_plan.argtypes = [ctypes.c_char_p]
+    cdll.lk_set_plan.restype = None
+    cdll.lk_set_plan(PLAN.pack(*dataclasses.astuple(plan)))
+    kernels = _kernels(cdll)
+    library = Library(path, origin, seconds, blas, kernels, cdll, tier, native, why_tier, plan)
     return library, warning
 
 
@@ -243,12 +251,13 @@ def _open(path: Path) -> ctypes.CDLL:
         cdll.lk_grads_bytes(),
         2 * cdll.lk_variant_bytes(),  # one per direction
         cdll.lk_variant_grads_bytes(),
+        cdll.lk_plan_bytes(),
     )
-    packed = (LAYER.size, GRADS.size, VARIANT.size, VARIANT_GRADS.size)
+    packed = (LAYER.size, GRADS.size, VARIANT.size, VARIANT_GRADS.size, PLAN.size)
     if sizes != packed:
         raise _Rejected(
-            f"does not match this lstmkit: its lk_layer, lk_grads, two lk_variant and "
-            f"lk_variant_grads take {sizes} bytes, lstmkit packs {packed}"
+            f"does not match this lstmkit: its lk_layer, lk_grads, two lk_variant, "
+            f"lk_variant_grads and lk_plan take {sizes} bytes, lstmkit packs {packed}"
         )
     return cdll
 

@@ -1,4 +1,5 @@
-/* lstmkit CPU kernels: the BLAS the kernels call, set once by Python after loading. */
+/* lstmkit CPU kernels: the BLAS the kernels call and the plan's thresholds, set once by Python
+ * after loading; workspaces; the batch-1 helper thread. */
 #include "lstm.h"
 
 lk_sgemm_fn lk_sgemm;
@@ -19,6 +20,14 @@ int lk_layer_bytes(void) { return (int)sizeof(lk_layer); }
 int lk_grads_bytes(void) { return (int)sizeof(lk_grads); }
 int lk_variant_bytes(void) { return (int)sizeof(lk_variant); }
 int lk_variant_grads_bytes(void) { return (int)sizeof(lk_variant_grads); }
+int lk_plan_bytes(void) { return (int)sizeof(lk_plan); }
+
+/* ---- the plan's machine-derived thresholds (see lk_plan in lstm.h) ---- */
+
+lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7};
+
+/* Called once, when Python loads the library, before any kernel runs. */
+void lk_set_plan(const lk_plan *plan) { lk_planned = *plan; }
 
 /* ---- workspaces (see lk_workspace_take in lstm.h) ---- */
 

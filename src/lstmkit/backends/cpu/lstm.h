@@ -20,9 +20,19 @@
 #ifndef LK_VBYTES /* bytes per vector: the build passes its tier's width (lstmkit.backends.cpu.machine) */
 #define LK_VBYTES 32
 #endif
-/* Below this many floating-point operations per call the work runs on one thread: waking a
- * second one costs more than it saves, and much more when another process holds a core. */
-#define LK_SERIAL_FLOPS 4.0e7
+/* What a call's plan derives from the machine (its caches, its vector width), set once per
+ * process by lk_set_plan from lstmkit.backends.cpu.machine.plan, which says why each value is
+ * what it is (`lstmkit backends` prints them); until then, those of a core with 32 KB of L1d,
+ * 512 KB of L2 and 32-byte vectors. Every field is 8 bytes (a double), as Python packs it. */
+typedef struct {
+    double row_bytes;    /* batch 1: the row path where W_hh (4H x P) fits one core's L2 */
+    double small_bytes;  /* batch 1: [W_ih W_hh]^T packed for broadcasts where it fits L1d */
+    double fuse_bytes;   /* batch 1: W_ih read inside the step where it fits L1d */
+    double pass_bytes;   /* panel path: bytes of a weight panel per pass, kept in L2 */
+    double serial_flops; /* below this many flops a call runs on one thread: waking a second
+                            one costs more than it saves, much more when a core is taken */
+} lk_plan;
+extern lk_plan lk_planned;
 
 /* A direction's weights, in the order of lstmkit.reference.LayerWeights. */
 enum lk_weight {
@@ -235,7 +245,7 @@ static inline int64_t lk_active(const lk_layer *a, int64_t t)
     return lo;
 }
 
-/* Threads for this call: one below LK_SERIAL_FLOPS, else up to a->threads. */
+/* Threads for this call: one below the plan's serial_flops, else up to a->threads. */
 static inline int lk_threads(const lk_layer *a, double flops)
 {
     int n = (int)a->threads;
@@ -245,7 +255,7 @@ static inline int lk_threads(const lk_layer *a, double flops)
 #else
     n = 1;
 #endif
-    return flops < LK_SERIAL_FLOPS ? 1 : n;
+    return flops < lk_planned.serial_flops ? 1 : n;
 }
 
 /* Teams: two directions on two or more threads run side by side, each with half the threads;

@@ -111,6 +111,46 @@ def machine() -> Machine:
     return read()
 
 
+@dataclass(frozen=True)
+class Plan:
+    """The thresholds a call's plan takes from the machine (lk_plan in lstm.h, same order)."""
+
+    row_bytes: float  # batch 1: the row path where W_hh fits one core's L2
+    small_bytes: float  # batch 1: [W_ih W_hh]^T packed for broadcasts where it fits L1d
+    fuse_bytes: float  # batch 1: W_ih read inside the step where it fits L1d
+    pass_bytes: float  # panel path: bytes of a weight panel per pass, kept in L2
+    serial_flops: float  # below this many flops a call runs on one thread
+
+    def describe(self) -> list[str]:
+        return [
+            f"batch 1 runs by rows of torch's W_hh where it fits one core's L2: up to "
+            f"{_size(int(self.row_bytes))}; packed for broadcasts where [W_ih W_hh] fits L1d: "
+            f"up to {_size(int(self.small_bytes))}; W_ih inside the step up to "
+            f"{_size(int(self.fuse_bytes))}",
+            f"panels pass over {_size(int(self.pass_bytes))} of a weight at a time (an eighth "
+            "of L2, which keeps it there beside the rows and gates)",
+            f"calls below {self.serial_flops:.3g} flops run on one thread (about a millisecond "
+            "of one core's work at the tier's vector width: a second thread costs more there)",
+        ]
+
+
+# About a millisecond of one core's work at 32-byte vectors: when the kernels were first tuned
+# (an AVX2 Zen 3), two threads on less were up to 10-35x slower whenever another process held a
+# core. Wider vectors do the same work in less time, so the bound grows with their width.
+_SERIAL_FLOPS_PER_VECTOR_BYTE = 4.0e7 / 32
+
+
+def plan(facts: Machine, tier: Tier) -> Plan:
+    """The thresholds for ``tier`` on the machine ``facts`` describes."""
+    return Plan(
+        row_bytes=float(facts.l2),
+        small_bytes=float(facts.l1d),
+        fuse_bytes=float(facts.l1d),
+        pass_bytes=facts.l2 / 8,
+        serial_flops=_SERIAL_FLOPS_PER_VECTOR_BYTE * tier.vector_bytes,
+    )
+
+
 def describe(facts: Machine) -> list[str]:
     """The facts in words, a line each, for ``lstmkit backends``."""
     l3 = f"L3 {_size(facts.l3)} shared by {facts.l3_shared_by} CPUs" if facts.l3 else "no L3"
