@@ -350,19 +350,25 @@ LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, real *const *a,
     }
 }
 
-/* Rows b0..b0+mr-1, vectors v0..v0+nv-1 of the panel. init (base NULL: none), bias may be
- * NULL. */
+/* Rows b0..b0+mr-1, vectors v0..v0+nv-1 of the panel. init (base NULL: none), bias (NULL:
+ * none, else whole vectors) may be NULL. Rows of init and C are read and written only in the
+ * panel's first `cols` columns: with proj_size they are output rows, which end at P (init is
+ * C itself on every pass after the first). */
 LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_t k,
                           const rows_t *a, const panel_t *p, const rows_t *init,
                           const real *bias, const rows_t *c)
 {
     real *arow[MR_MAX];
     vec acc[MR_MAX][4];
+    int64_t lanes[4];
+    for (int j = 0; j < nv; j++)
+        lanes[j] = clamp_lanes(p->cols - (v0 + j) * V);
     for (int r = 0; r < mr; r++) {
         arow[r] = row_at(a, b0 + r);
         for (int j = 0; j < nv; j++) {
             int64_t col = (v0 + j) * V;
-            acc[r][j] = init->base != NULL ? vload(row_at(init, b0 + r) + col) : splat(0);
+            acc[r][j] = init->base != NULL ? vload_n(row_at(init, b0 + r) + col, lanes[j])
+                                           : splat(0);
             if (bias != NULL)
                 acc[r][j] += vload(bias + col);
         }
@@ -371,7 +377,7 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     for (int r = 0; r < mr; r++) {
         real *crow = row_at(c, b0 + r);
         for (int j = 0; j < nv; j++)
-            vstore_n(crow + (v0 + j) * V, acc[r][j], clamp_lanes(p->cols - (v0 + j) * V));
+            vstore_n(crow + (v0 + j) * V, acc[r][j], lanes[j]);
     }
 }
 
