@@ -9,8 +9,12 @@
  * update of V units needs, a thread owning a range of blocks owns a contiguous range of gate
  * columns, and every recurrent weight matrix is packed into panels of 4V columns (a panel row is
  * four vectors, panel rows follow each other in memory). Padded units have zero weights and are
- * never written to a user-visible tensor. Weight gradients come out in this order and are
- * permuted back to torch's (i, f, g, o) rows at the end.
+ * never written to a user-visible tensor, nor read into a real unit: a padded lane may hold NaN
+ * (zero weights times an infinite input), so the projection reads m's first H units only and
+ * the padded units' gate gradients are set to zero before dh and dx multiply them. Loads and
+ * stores of a partial last vector are masked (vload_n, vstore_n): nothing is read or written
+ * past the end of a row. Weight gradients come out in this order and are permuted back to
+ * torch's (i, f, g, o) rows at the end.
  *
  * Forward, per direction and step, block by block: b_ih + b_hh + x_t W_ih^T + h_{t-1} W_hh^T,
  * by register tiles of 6 rows x 2 vectors (AVX2's FMA-bound shape; one row takes 1 x 4) that
@@ -622,7 +626,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
             for (int64_t pb = p0; pb < p1; pb++) {
                 const panel_t p = packed_panel(w->wp, pb, w->Hp, w->P - pb * W);
                 const rows_t out = rows(out_row(w, st.t, 0) + pb * W, DP);
-                panel_rows(st.n, w->Hp, &m, &p, &none, NULL, &out);
+                panel_rows(st.n, w->H, &m, &p, &none, NULL, &out); /* padded m: unread */
             }
             for (int64_t b = st.n; b < w->B; b++)
                 zero_columns(out_row(w, st.t, b), p0 * W, min64(p1 * W, w->P));
@@ -991,6 +995,10 @@ LK_INLINE void block_backward(const bdir_t *w, const step_t *st, int64_t b, int6
     d[1] = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
     d[2] = dc * i * (1 - g * g);
     d[3] = d_h * tc * o * (1 - o);
+    /* Padded units have no gradient: their lanes are 0, not what their gates made of a
+     * non-finite input (0 * Inf), since dh and dx multiply them by zero weights. */
+    for (int q = 0; q < 4 && lanes < V; q++)
+        d[q] = vsel(first_lanes(lanes), d[q], splat(0));
     vstore(dc_out, dc * fg);
     for (int q = 0; q < 4; q++)
         vstore(grads + q * V, d[q]);

@@ -202,6 +202,15 @@ LK_INLINE vec v_tanh(vec x)
     return (vec)((ivec)t | ((ivec)x & sign));
 }
 
+/* Lanes [0, n) of a vector set, for the last, partial vector of a row. */
+LK_INLINE ivec first_lanes(int64_t n)
+{
+    ivec lanes;
+    for (int64_t k = 0; k < V; k++)
+        lanes[k] = k;
+    return lanes < (ival)n;
+}
+
 /* The sum of a vector's lanes. */
 LK_INLINE real vsum(vec v)
 {
