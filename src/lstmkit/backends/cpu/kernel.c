@@ -644,22 +644,54 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
  * as its own took; if the partner is late (descheduled, or not started yet) it computes that
  * half too, and while the partner stays away it waits only a quarter of that (so one thread
  * runs at one-thread speed; the partner, back, catches up by skipping finished items and
- * rejoins). Two threads may thus compute the same half: an item writes only memory of its own
- * (the outputs, cells and gate rows of its step; per-step buffers in backward), each element
- * always the same bits from inputs complete before it started, so a second computation rewrites
- * what is there with the same values, and no buffer is reused for another step while a lagging
- * thread may still write it (inference keeps every step's cells, not two). A BLAS call is no
- * such item (it may keep partial sums in its output), so it writes into scratch of the rank
- * (`scratch`, one per thread), which is then copied into place. lk_pair_run returns only when
- * the helper is out of the job. */
+ * rejoins). A thread computes a half only after claiming it (one compare-and-swap on a count
+ * of claimed items that only that thread's partner may also touch), so every value has one
+ * writer: a thread that finds the half it waits for claimed waits for it to be done (the
+ * partner is inside it). The claimant publishes the half with a release store of the done
+ * count; the other thread reads its results only after an acquire load saw that count. An item
+ * writes only memory of its own (the outputs, cells and gate rows of its step; per-step buffers
+ * in backward). A BLAS call writes into scratch of the rank (`scratch`, one per thread), which
+ * is then copied into place. lk_pair_run returns only when the helper is out of the job. */
 
 #define LK_SLACK_TICKS 2000 /* about a microsecond: the partner's head start */
 
 typedef void (*item_fn)(const void *job, int64_t item, int half, int rank);
 
-/* Items 0..n-1, item i needing both halves of every item before it; done[h]: items whose half h
- * is finished. `lag`: the items are steps (for lk_pair_lag). */
-static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], int rank, int size,
+/* The counts of a sequence of items, per half: claimed by a thread, and finished. */
+typedef struct {
+    lk_count claimed[2], done[2];
+} halves_t;
+
+/* Whether this thread takes half h of item i (nobody has yet: claimed[h] is i). The claim
+ * orders nothing: the inputs of item i were acquired through the done counts of item i - 1. */
+static int claim(halves_t *c, int h, int64_t i)
+{
+    long long expected = i;
+    return atomic_compare_exchange_strong_explicit(&c->claimed[h].n, &expected, i + 1,
+                                                   memory_order_relaxed, memory_order_relaxed);
+}
+
+/* Half h of item i by this thread, then published. */
+static void compute(const void *job, item_fn fn, halves_t *c, int64_t i, int h, int rank)
+{
+    fn(job, i, h, rank);
+    atomic_store_explicit(&c->done[h].n, i + 1, memory_order_release);
+}
+
+/* Waits, as long as it takes, for half h of item i that the partner claimed (and so is
+ * computing), yielding the core after a while (the partner may be descheduled inside it). */
+static void wait_done(halves_t *c, int h, int64_t i)
+{
+    for (unsigned spins = 0; lk_count_get(&c->done[h]) <= i; spins++)
+        if (spins < 4096)
+            lk_pause();
+        else
+            sched_yield();
+}
+
+/* Items 0..n-1, item i needing both halves of every item before it. `lag`: the items are
+ * steps (for lk_pair_lag). */
+static void lk_items(const void *job, item_fn fn, int64_t n, halves_t *c, int rank, int size,
                      int lag)
 {
     if (size == 1) {
@@ -677,20 +709,20 @@ static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], i
         if (lag)
             lk_pair_lag(rank, i);
         const uint64_t start = lk_ticks();
-        if (lk_count_get(&done[own]) <= i) {
-            fn(job, i, own, rank);
-            lk_count_raise(&done[own], i + 1);
-        }
+        if (claim(c, own, i))
+            compute(job, fn, c, i, own, rank);
         const uint64_t took = lk_ticks() - start;
-        if (lk_count_wait(&done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
+        if (lk_count_wait(&c->done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
             partner = 1;
-            continue;
+        } else if (claim(c, other, i)) {
+            compute(job, fn, c, i, other, rank);
+            if (partner && rank == 0)
+                lk_pair_late();
+            partner = 0;
+        } else {
+            wait_done(c, other, i);
         }
-        fn(job, i, other, rank);
-        lk_count_raise(&done[other], i + 1);
-        if (partner && rank == 0)
-            lk_pair_late();
-        partner = 0;
+        wait_done(c, own, i); /* done unless the partner took it */
     }
 }
 
@@ -711,7 +743,7 @@ static void blas_restore(int old)
 
 typedef struct {
     const dir_t *w;
-    lk_count projection[2], steps[2];
+    halves_t projection, steps;
 } row_forward_t;
 
 /* Units of the bigger half: half_units(w) * 4 * rows is a rank's scratch for rows. */
@@ -759,8 +791,8 @@ static void row_forward_job(void *arg, int rank, int size)
     row_forward_t *job = arg;
     const int blas = blas_alone();
     if (!job->w->fuse)
-        lk_items(job, row_projection_item, 1, job->projection, rank, size, 0);
-    lk_items(job, row_step_item, job->w->T, job->steps, rank, size, 1);
+        lk_items(job, row_projection_item, 1, &job->projection, rank, size, 0);
+    lk_items(job, row_step_item, job->w->T, &job->steps, rank, size, 1);
     blas_restore(blas);
 }
 
@@ -1287,7 +1319,7 @@ static void input_grad(const dir_t *w, int64_t R, const real *dA, real beta, rea
 typedef struct {
     const bdir_t *w;
     real *dxp; /* the packed input gradient, made in the job (one direction), or NULL */
-    lk_count steps[2], weights[2], inputs[2];
+    halves_t steps, weights, inputs;
 } row_backward_t;
 
 static void row_backward_item(const void *job, int64_t item, int half, int rank)
@@ -1384,10 +1416,10 @@ static void row_backward_job(void *arg, int rank, int size)
 {
     row_backward_t *job = arg;
     const int blas = blas_alone();
-    lk_items(job, row_backward_item, job->w->f.T, job->steps, rank, size, 1);
-    lk_items(job, row_weights_item, 1, job->weights, rank, size, 0);
+    lk_items(job, row_backward_item, job->w->f.T, &job->steps, rank, size, 1);
+    lk_items(job, row_weights_item, 1, &job->weights, rank, size, 0);
     if (job->dxp != NULL)
-        lk_items(job, row_inputs_item, 1, job->inputs, rank, size, 0);
+        lk_items(job, row_inputs_item, 1, &job->inputs, rank, size, 0);
     blas_restore(blas);
 }
 
