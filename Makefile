@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 TORCH := torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench sanitize clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -28,6 +28,10 @@ lint: setup
 
 bench: setup
 	$(BIN)/lstmkit bench
+
+# The cpu backend's tests under AddressSanitizer and UBSan (see .ci/sanitize); gcc's runtimes.
+sanitize: setup
+	PYTHON=$(BIN)/python .ci/sanitize
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

@@ -133,12 +133,15 @@ def lstm_step(
 
 
 def _zoneout(new: Tensor, previous: Tensor, keep: Tensor | float, step: int) -> Tensor:
-    """``keep * previous + (1 - keep) * new``: keep is step ``step`` of 0/1 masks, or z."""
+    """``keep * previous + (1 - keep) * new``: keep is step ``step`` of 0/1 masks, or z.
+
+    As written, not torch.lerp: lerp's ``new + keep * (previous - new)`` turns an infinite
+    state into NaN (Inf - Inf) where the sum of the two terms is infinite."""
     if isinstance(keep, Tensor):
-        return torch.lerp(new, previous, keep[step])
-    if keep == 0.0:
+        keep = keep[step]  # (N, H) or (N, P)
+    elif keep == 0.0:
         return new
-    return torch.lerp(new, previous, keep)
+    return keep * previous + (1 - keep) * new
 
 
 def project_input(x: Tensor, weights: LayerWeights, variant: Variant = NO_VARIANT) -> Tensor:

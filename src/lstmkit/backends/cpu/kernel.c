@@ -9,8 +9,12 @@
  * update of V units needs, a thread owning a range of blocks owns a contiguous range of gate
  * columns, and every recurrent weight matrix is packed into panels of 4V columns (a panel row is
  * four vectors, panel rows follow each other in memory). Padded units have zero weights and are
- * never written to a user-visible tensor. Weight gradients come out in this order and are
- * permuted back to torch's (i, f, g, o) rows at the end.
+ * never written to a user-visible tensor, nor read into a real unit: a padded lane may hold NaN
+ * (zero weights times an infinite input), so the projection reads m's first H units only and
+ * the padded units' gate gradients are set to zero before dh and dx multiply them. Loads and
+ * stores of a partial last vector are masked (vload_n, vstore_n): nothing is read or written
+ * past the end of a row. Weight gradients come out in this order and are permuted back to
+ * torch's (i, f, g, o) rows at the end.
  *
  * Forward, per direction and step, block by block: b_ih + b_hh + x_t W_ih^T + h_{t-1} W_hh^T,
  * by register tiles of 6 rows x 2 vectors (AVX2's FMA-bound shape; one row takes 1 x 4) that
@@ -348,19 +352,25 @@ LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, real *const *a,
     }
 }
 
-/* Rows b0..b0+mr-1, vectors v0..v0+nv-1 of the panel. init (base NULL: none), bias may be
- * NULL. */
+/* Rows b0..b0+mr-1, vectors v0..v0+nv-1 of the panel. init (base NULL: none), bias (NULL:
+ * none, else whole vectors) may be NULL. Rows of init and C are read and written only in the
+ * panel's first `cols` columns: with proj_size they are output rows, which end at P (init is
+ * C itself on every pass after the first). */
 LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_t k,
                           const rows_t *a, const panel_t *p, const rows_t *init,
                           const real *bias, const rows_t *c)
 {
     real *arow[MR_MAX];
     vec acc[MR_MAX][4];
+    int64_t lanes[4];
+    for (int j = 0; j < nv; j++)
+        lanes[j] = clamp_lanes(p->cols - (v0 + j) * V);
     for (int r = 0; r < mr; r++) {
         arow[r] = row_at(a, b0 + r);
         for (int j = 0; j < nv; j++) {
             int64_t col = (v0 + j) * V;
-            acc[r][j] = init->base != NULL ? vload(row_at(init, b0 + r) + col) : splat(0);
+            acc[r][j] = init->base != NULL ? vload_n(row_at(init, b0 + r) + col, lanes[j])
+                                           : splat(0);
             if (bias != NULL)
                 acc[r][j] += vload(bias + col);
         }
@@ -369,7 +379,7 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     for (int r = 0; r < mr; r++) {
         real *crow = row_at(c, b0 + r);
         for (int j = 0; j < nv; j++)
-            vstore_n(crow + (v0 + j) * V, acc[r][j], clamp_lanes(p->cols - (v0 + j) * V));
+            vstore_n(crow + (v0 + j) * V, acc[r][j], lanes[j]);
     }
 }
 
@@ -618,7 +628,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
             for (int64_t pb = p0; pb < p1; pb++) {
                 const panel_t p = packed_panel(w->wp, pb, w->Hp, w->P - pb * W);
                 const rows_t out = rows(out_row(w, st.t, 0) + pb * W, DP);
-                panel_rows(st.n, w->Hp, &m, &p, &none, NULL, &out);
+                panel_rows(st.n, w->H, &m, &p, &none, NULL, &out); /* padded m: unread */
             }
             for (int64_t b = st.n; b < w->B; b++)
                 zero_columns(out_row(w, st.t, b), p0 * W, min64(p1 * W, w->P));
@@ -636,22 +646,54 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
  * as its own took; if the partner is late (descheduled, or not started yet) it computes that
  * half too, and while the partner stays away it waits only a quarter of that (so one thread
  * runs at one-thread speed; the partner, back, catches up by skipping finished items and
- * rejoins). Two threads may thus compute the same half: an item writes only memory of its own
- * (the outputs, cells and gate rows of its step; per-step buffers in backward), each element
- * always the same bits from inputs complete before it started, so a second computation rewrites
- * what is there with the same values, and no buffer is reused for another step while a lagging
- * thread may still write it (inference keeps every step's cells, not two). A BLAS call is no
- * such item (it may keep partial sums in its output), so it writes into scratch of the rank
- * (`scratch`, one per thread), which is then copied into place. lk_pair_run returns only when
- * the helper is out of the job. */
+ * rejoins). A thread computes a half only after claiming it (one compare-and-swap on a count
+ * of claimed items that only that thread's partner may also touch), so every value has one
+ * writer: a thread that finds the half it waits for claimed waits for it to be done (the
+ * partner is inside it). The claimant publishes the half with a release store of the done
+ * count; the other thread reads its results only after an acquire load saw that count. An item
+ * writes only memory of its own (the outputs, cells and gate rows of its step; per-step buffers
+ * in backward). A BLAS call writes into scratch of the rank (`scratch`, one per thread), which
+ * is then copied into place. lk_pair_run returns only when the helper is out of the job. */
 
 #define LK_SLACK_TICKS 2000 /* about a microsecond: the partner's head start */
 
 typedef void (*item_fn)(const void *job, int64_t item, int half, int rank);
 
-/* Items 0..n-1, item i needing both halves of every item before it; done[h]: items whose half h
- * is finished. `lag`: the items are steps (for lk_pair_lag). */
-static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], int rank, int size,
+/* The counts of a sequence of items, per half: claimed by a thread, and finished. */
+typedef struct {
+    lk_count claimed[2], done[2];
+} halves_t;
+
+/* Whether this thread takes half h of item i (nobody has yet: claimed[h] is i). The claim
+ * orders nothing: the inputs of item i were acquired through the done counts of item i - 1. */
+static int claim(halves_t *c, int h, int64_t i)
+{
+    long long expected = i;
+    return atomic_compare_exchange_strong_explicit(&c->claimed[h].n, &expected, i + 1,
+                                                   memory_order_relaxed, memory_order_relaxed);
+}
+
+/* Half h of item i by this thread, then published. */
+static void compute(const void *job, item_fn fn, halves_t *c, int64_t i, int h, int rank)
+{
+    fn(job, i, h, rank);
+    atomic_store_explicit(&c->done[h].n, i + 1, memory_order_release);
+}
+
+/* Waits, as long as it takes, for half h of item i that the partner claimed (and so is
+ * computing), yielding the core after a while (the partner may be descheduled inside it). */
+static void wait_done(halves_t *c, int h, int64_t i)
+{
+    for (unsigned spins = 0; lk_count_get(&c->done[h]) <= i; spins++)
+        if (spins < 4096)
+            lk_pause();
+        else
+            sched_yield();
+}
+
+/* Items 0..n-1, item i needing both halves of every item before it. `lag`: the items are
+ * steps (for lk_pair_lag). */
+static void lk_items(const void *job, item_fn fn, int64_t n, halves_t *c, int rank, int size,
                      int lag)
 {
     if (size == 1) {
@@ -669,20 +711,20 @@ static void lk_items(const void *job, item_fn fn, int64_t n, lk_count done[2], i
         if (lag)
             lk_pair_lag(rank, i);
         const uint64_t start = lk_ticks();
-        if (lk_count_get(&done[own]) <= i) {
-            fn(job, i, own, rank);
-            lk_count_raise(&done[own], i + 1);
-        }
+        if (claim(c, own, i))
+            compute(job, fn, c, i, own, rank);
         const uint64_t took = lk_ticks() - start;
-        if (lk_count_wait(&done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
+        if (lk_count_wait(&c->done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
             partner = 1;
-            continue;
+        } else if (claim(c, other, i)) {
+            compute(job, fn, c, i, other, rank);
+            if (partner && rank == 0)
+                lk_pair_late();
+            partner = 0;
+        } else {
+            wait_done(c, other, i);
         }
-        fn(job, i, other, rank);
-        lk_count_raise(&done[other], i + 1);
-        if (partner && rank == 0)
-            lk_pair_late();
-        partner = 0;
+        wait_done(c, own, i); /* done unless the partner took it */
     }
 }
 
@@ -703,7 +745,7 @@ static void blas_restore(int old)
 
 typedef struct {
     const dir_t *w;
-    lk_count projection[2], steps[2];
+    halves_t projection, steps;
 } row_forward_t;
 
 /* Units of the bigger half: half_units(w) * 4 * rows is a rank's scratch for rows. */
@@ -751,8 +793,8 @@ static void row_forward_job(void *arg, int rank, int size)
     row_forward_t *job = arg;
     const int blas = blas_alone();
     if (!job->w->fuse)
-        lk_items(job, row_projection_item, 1, job->projection, rank, size, 0);
-    lk_items(job, row_step_item, job->w->T, job->steps, rank, size, 1);
+        lk_items(job, row_projection_item, 1, &job->projection, rank, size, 0);
+    lk_items(job, row_step_item, job->w->T, &job->steps, rank, size, 1);
     blas_restore(blas);
 }
 
@@ -987,6 +1029,10 @@ LK_INLINE void block_backward(const bdir_t *w, const step_t *st, int64_t b, int6
     d[1] = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
     d[2] = dc * i * (1 - g * g);
     d[3] = d_h * tc * o * (1 - o);
+    /* Padded units have no gradient: their lanes are 0, not what their gates made of a
+     * non-finite input (0 * Inf), since dh and dx multiply them by zero weights. */
+    for (int q = 0; q < 4 && lanes < V; q++)
+        d[q] = vsel(first_lanes(lanes), d[q], splat(0));
     vstore(dc_out, dc * fg);
     for (int q = 0; q < 4; q++)
         vstore(grads + q * V, d[q]);
@@ -1275,7 +1321,7 @@ static void input_grad(const dir_t *w, int64_t R, const real *dA, real beta, rea
 typedef struct {
     const bdir_t *w;
     real *dxp; /* the packed input gradient, made in the job (one direction), or NULL */
-    lk_count steps[2], weights[2], inputs[2];
+    halves_t steps, weights, inputs;
 } row_backward_t;
 
 static void row_backward_item(const void *job, int64_t item, int half, int rank)
@@ -1372,10 +1418,10 @@ static void row_backward_job(void *arg, int rank, int size)
 {
     row_backward_t *job = arg;
     const int blas = blas_alone();
-    lk_items(job, row_backward_item, job->w->f.T, job->steps, rank, size, 1);
-    lk_items(job, row_weights_item, 1, job->weights, rank, size, 0);
+    lk_items(job, row_backward_item, job->w->f.T, &job->steps, rank, size, 1);
+    lk_items(job, row_weights_item, 1, &job->weights, rank, size, 0);
     if (job->dxp != NULL)
-        lk_items(job, row_inputs_item, 1, job->inputs, rank, size, 0);
+        lk_items(job, row_inputs_item, 1, &job->inputs, rank, size, 0);
     blas_restore(blas);
 }
 

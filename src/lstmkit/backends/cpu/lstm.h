@@ -136,7 +136,7 @@ void lk_pair_late(void);
  * lk_pair_set_lag in lstm.c), as a descheduled thread would; micros 0 switches it off. */
 void lk_pair_lag(int rank, int64_t step);
 
-/* A count of finished items that only grows, on a cache line of its own. */
+/* A count of items (claimed, or finished) that only grows, on a cache line of its own. */
 typedef struct {
     _Alignas(64) atomic_llong n;
     char pad[64 - sizeof(atomic_llong)];
@@ -145,15 +145,6 @@ typedef struct {
 static inline long long lk_count_get(lk_count *c)
 {
     return atomic_load_explicit(&c->n, memory_order_acquire);
-}
-
-/* c = max(c, n): the items before n are finished, and their results visible with the count. */
-static inline void lk_count_raise(lk_count *c, long long n)
-{
-    long long old = atomic_load_explicit(&c->n, memory_order_relaxed);
-    while (old < n && !atomic_compare_exchange_weak_explicit(&c->n, &old, n, memory_order_release,
-                                                             memory_order_relaxed))
-        ;
 }
 
 /* A clock for short waits: the time-stamp counter where there is one. */

@@ -15,11 +15,13 @@
 #if LK_DOUBLE
 typedef double real;
 typedef int64_t ival;
+typedef uint64_t uval;
 #define SUF(name) name##_f64
 #define BLAS_GEMM lk_dgemm
 #else
 typedef float real;
 typedef int32_t ival;
+typedef uint32_t uval;
 #define SUF(name) name##_f32
 #define BLAS_GEMM lk_sgemm
 #endif
@@ -27,6 +29,7 @@ typedef int32_t ival;
 #define V ((int64_t)(LK_VBYTES / sizeof(real))) /* lanes per vector */
 typedef real vec __attribute__((vector_size(LK_VBYTES)));
 typedef ival ivec __attribute__((vector_size(LK_VBYTES)));
+typedef uval uvec __attribute__((vector_size(LK_VBYTES)));
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
@@ -218,6 +221,15 @@ static const real exp_taylor[] = {1.0f / 5040.0f, 1.0f / 720.0f, 1.0f / 120.0f, 
 #define LOG2E ((real)1.44269504088896340736)
 #define EXP_TERMS ((int)(sizeof exp_taylor / sizeof exp_taylor[0]))
 
+/* 2^n as a real, n the integer in the low bits of `shifted` (see above): the biased exponent
+ * put into the exponent bits. In unsigned arithmetic, where shifting into the sign bit is
+ * defined (n + EXP_BIAS is at least 1 for the inputs of v_exp and v_tanh). */
+LK_INLINE vec exp2_int(vec shifted)
+{
+    const uvec n = (uvec)shifted - (uvec)splat(EXP_SHIFTER);
+    return (vec)((n + EXP_BIAS) << MANT_BITS);
+}
+
 /* e^x for x in [EXP_LO, EXP_HI]; 0 below and infinity above, so that sigmoid and tanh saturate
  * exactly (sigmoid(-800) is 0, not e^-EXP_HI). NaN stays NaN. */
 LK_INLINE vec v_exp(vec x)
@@ -231,8 +243,7 @@ LK_INLINE vec v_exp(vec x)
     vec p = splat(exp_taylor[0]);
     for (int k = 1; k < EXP_TERMS; k++)
         p = p * r + exp_taylor[k];
-    ivec scale = ((ivec)shifted - (ivec)splat(EXP_SHIFTER) + EXP_BIAS) << MANT_BITS;
-    return vsel(over, splat((real)INFINITY), (vec)((ivec)(p * (vec)scale) & ~under));
+    return vsel(over, splat((real)INFINITY), (vec)((ivec)(p * exp2_int(shifted)) & ~under));
 }
 
 LK_INLINE vec v_sigmoid(vec x) { return 1 / (1 + v_exp(-x)); }
@@ -244,7 +255,7 @@ LK_INLINE vec v_sigmoid(vec x) { return 1 / (1 + v_exp(-x)); }
  * near 0 (n = 0: -q / (2 + q)). Below EXP_LO, e is 0 to working precision and tanh exactly 1. */
 LK_INLINE vec v_tanh(vec x)
 {
-    const ivec sign = (ivec){} + ((ival)1 << (sizeof(real) * 8 - 1));
+    const ivec sign = (ivec)((uvec){} + ((uval)1 << (sizeof(real) * 8 - 1)));
     const vec y = vmax_nan(EXP_LO, -2 * (vec)((ivec)x & ~sign));
     const vec shifted = y * LOG2E + EXP_SHIFTER;
     const vec n = shifted - EXP_SHIFTER;
@@ -254,9 +265,18 @@ LK_INLINE vec v_tanh(vec x)
     for (int k = 1; k < EXP_TERMS - 1; k++)
         p = p * r + exp_taylor[k];
     const vec q = p * r;
-    const vec scale = (vec)(((ivec)shifted - (ivec)splat(EXP_SHIFTER) + EXP_BIAS) << MANT_BITS);
+    const vec scale = exp2_int(shifted);
     const vec t = ((1 - scale) - scale * q) / ((1 + scale) + scale * q);
     return (vec)((ivec)t | ((ivec)x & sign));
+}
+
+/* Lanes [0, n) of a vector set, for the last, partial vector of a row. */
+LK_INLINE ivec first_lanes(int64_t n)
+{
+    ivec lanes;
+    for (int64_t k = 0; k < V; k++)
+        lanes[k] = k;
+    return lanes < (ival)n;
 }
 
 /* The sum of a vector's lanes. */

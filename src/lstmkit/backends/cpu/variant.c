@@ -50,15 +50,6 @@ enum { STAT_RSTD_X, STAT_RSTD_Y, STAT_MEAN_C, STAT_RSTD_C, STATS };
 
 /* ---- rows: statistics and layer norm's backward over one row ---- */
 
-/* Lanes [0, n) of a vector set, for the last, partial vector of a row. */
-LK_INLINE ivec first_lanes(int64_t n)
-{
-    ivec lanes;
-    for (int64_t k = 0; k < V; k++)
-        lanes[k] = k;
-    return lanes < (ival)n;
-}
-
 /* The mean and the reciprocal standard deviation 1 / sqrt(var + eps) of x (n), with the biased
  * variance computed in two passes (the one-pass formula cancels where the mean is large). */
 static void row_stats(const real *x, int64_t n, real *mean_out, real *rstd_out)
