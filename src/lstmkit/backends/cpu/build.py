@@ -107,7 +107,8 @@ def find_compiler() -> str | None:
 
 def target_flags(tier: machine.Tier, native: bool) -> tuple[str, ...]:
     """The compiler flags of a build for ``tier``: tuned for this very CPU when ``native``,
-    else exactly the tier's instruction set; the kernels' vector width follows the tier."""
+    else exactly the tier's instruction set; the kernels' vector width and register tiles
+    follow the tier."""
     if not native:
         isa = tier.flags
     elif machine.machine().arch in ("x86_64", "aarch64"):  # where GCC knows -march=native
@@ -115,7 +116,7 @@ def target_flags(tier: machine.Tier, native: bool) -> tuple[str, ...]:
         isa = ("-march=native", *wide)
     else:
         isa = ()
-    return (*isa, f"-DLK_VBYTES={tier.vector_bytes}")
+    return (*isa, f"-DLK_VBYTES={tier.vector_bytes}", f"-DLK_VREGS={tier.registers}")
 
 
 def _cpu_identity() -> str:

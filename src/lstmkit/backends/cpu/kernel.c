@@ -17,15 +17,15 @@
  * torch's (i, f, g, o) rows at the end.
  *
  * Forward, per direction and step, block by block: b_ih + b_hh + x_t W_ih^T + h_{t-1} W_hh^T,
- * by register tiles of 6 rows x 2 vectors (AVX2's FMA-bound shape; one row takes 1 x 4) that
- * walk the block's panel of W_ih^T, then of W_hh^T, in passes of 64 KB that stay in L2, and
- * write the pre-activations to G, where the gate update of that block reads them while they are
- * still in L1. The input projection thus runs inside the step, on the thread that owns the block,
- * with no separate GEMM and no buffer of every step's pre-activations (inference keeps one
- * step's, G (B, Gp); training keeps every step's activated gates, G (R, Gp)). With proj_size a
- * second product h = m W_hr^T follows, split by columns of P. Weights are packed on every call
- * (a copy of each weight, by vector tiles: small next to the work of a call, and nothing can go
- * stale).
+ * by register tiles of 6 rows x 2 or 4 vectors (as many as the tier's registers hold; one row
+ * takes 1 x 4) that walk the block's panel of W_ih^T, then of W_hh^T, in passes that stay in L2
+ * (the plan's pass_bytes), and write the pre-activations to G, where the gate update of that
+ * block reads them while they are still in L1. The input projection thus runs inside the step,
+ * on the thread that owns the block, with no separate GEMM and no buffer of every step's
+ * pre-activations (inference keeps one step's, G (B, Gp); training keeps every step's activated
+ * gates, G (R, Gp)). With proj_size a second product h = m W_hr^T follows, split by columns of
+ * P. Weights are packed on every call (a copy of each weight, by vector tiles: small next to the
+ * work of a call, and nothing can go stale).
  *
  * Batch 1 (B = 1, no proj_size: the latency shapes) skips the panels: a step is a matrix-vector
  * product, bound by reading W_hh (from L1 when small, else L2), by its chain of dependent FMAs
@@ -335,7 +335,7 @@ LK_INLINE real *row_at(const rows_t *r, int64_t b)
 }
 
 /* acc[r][c] += sum_k a[r][k] b[c][k ld]; called with constant mr and nv, so the loops unroll
- * and acc lives in registers: 6 x 2 is the FMA-bound shape on AVX2, 1 x 4 the one-row shape. */
+ * and acc lives in registers (see TILE_VECS for the shapes; 1 x 4 is the one-row shape). */
 LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, real *const *a,
                          const real *const *b, int64_t ld, vec acc[MR_MAX][4])
 {
@@ -383,6 +383,19 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     }
 }
 
+/* Tiles of MR_MAX rows x TILE_VECS vectors: the accumulators, TILE_VECS loads of the panel and
+ * a broadcast fit the tier's LK_VREGS vector registers. With 16 (AVX2, generic) that is 6 x 2
+ * (12 + 2 + 1), twice per panel; with 32 (AVX-512) 6 x 4 (24 + 4 + 1), the whole panel at once,
+ * which reads each row of A once and does twice the FMAs per load. */
+#ifndef LK_VREGS
+#define LK_VREGS 16
+#endif
+#if LK_VREGS >= 32
+#define TILE_VECS 4
+#else
+#define TILE_VECS 2
+#endif
+
 /* One compiled copy per tile shape (inlining them into every caller costs compile time and
  * gains nothing: a tile runs for hundreds of cycles). */
 #define TILE(mr, nv)                                                                              \
@@ -392,22 +405,34 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     {                                                                                             \
         panel_tile(mr, nv, b0, v0, k, a, p, init, bias, c);                                      \
     }
-TILE(6, 2)
-TILE(5, 2)
-TILE(4, 2)
-TILE(3, 2)
-TILE(2, 2)
+#define TILE_OF(mr, nv) TILE(mr, nv) /* expands nv (TILE_VECS) before pasting it */
+#define TILE_NAME(mr, nv) TILE_NAME_(mr, nv)
+#define TILE_NAME_(mr, nv) tile_##mr##x##nv
+TILE_OF(6, TILE_VECS)
+TILE_OF(5, TILE_VECS)
+TILE_OF(4, TILE_VECS)
+TILE_OF(3, TILE_VECS)
+TILE_OF(2, TILE_VECS)
 TILE(1, 4)
 #undef TILE
+#undef TILE_OF
 
 typedef void (*tile_fn)(int64_t b0, int v0, int64_t k, const rows_t *a, const panel_t *p,
                         const rows_t *init, const real *bias, const rows_t *c);
-/* The two-vector tile for the rows left after the tiles of six, by count. */
-static const tile_fn leftover_tiles[MR_MAX] = {NULL, NULL, tile_2x2, tile_3x2, tile_4x2, tile_5x2};
+/* The tile for the rows left after the tiles of six, by count (one row takes all four vectors
+ * at once). */
+static const tile_fn leftover_tiles[MR_MAX] = {
+    NULL,
+    tile_1x4,
+    TILE_NAME(2, TILE_VECS),
+    TILE_NAME(3, TILE_VECS),
+    TILE_NAME(4, TILE_VECS),
+    TILE_NAME(5, TILE_VECS),
+};
 
-/* C = init + bias + A P for rows 0..n-1, over k in [k0, k1): tiles of 6 rows x 2 vectors
- * (twice per panel), the remaining rows in one smaller tile; a single row takes all four
- * vectors at once. */
+/* C = init + bias + A P for rows 0..n-1, over k in [k0, k1): tiles of 6 rows x TILE_VECS
+ * vectors across the panel, the remaining rows in one smaller tile per TILE_VECS vectors; a
+ * single row takes all four vectors at once. */
 static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, const panel_t *p,
                             const rows_t *init, const real *bias, const rows_t *c)
 {
@@ -419,16 +444,14 @@ static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, 
         pk.col[j] = p->col[j] != NULL ? p->col[j] + k0 * p->ld : NULL;
     const int64_t k = k1 - k0;
     int64_t b = 0;
-    for (; b + MR_MAX <= n; b += MR_MAX) {
-        tile_6x2(b, 0, k, &ak, &pk, init, bias, c);
-        tile_6x2(b, 2, k, &ak, &pk, init, bias, c);
-    }
-    if (n - b == 1) {
+    for (; b + MR_MAX <= n; b += MR_MAX)
+        for (int v0 = 0; v0 < 4; v0 += TILE_VECS)
+            TILE_NAME(6, TILE_VECS)(b, v0, k, &ak, &pk, init, bias, c);
+    if (n - b == 1)
         tile_1x4(b, 0, k, &ak, &pk, init, bias, c);
-    } else if (n > b) {
-        leftover_tiles[n - b](b, 0, k, &ak, &pk, init, bias, c);
-        leftover_tiles[n - b](b, 2, k, &ak, &pk, init, bias, c);
-    }
+    else if (n > b)
+        for (int v0 = 0; v0 < 4; v0 += TILE_VECS)
+            leftover_tiles[n - b](b, v0, k, &ak, &pk, init, bias, c);
 }
 
 /* Rows of the panel per pass: the plan's pass_bytes of it, which stay in L2 while every row
