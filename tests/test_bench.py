@@ -368,3 +368,25 @@ def test_wrong_lengths_rows_are_not_timed(mode: str) -> None:
         TINY_PACKED, mode, TWO_SAMPLES, perturbed("value"), runner.step, runner.backend_used
     )
     assert row.failure is not None and row.failure.startswith("output")
+
+
+def test_cap_reruns_the_benchmark_capped_in_a_fresh_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started = []
+
+    class Done:
+        returncode = 0
+
+    def fake_run(command: list[str], env: dict[str, str]) -> Done:
+        started.append((command, env))
+        return Done()
+
+    monkeypatch.setattr(runner.subprocess, "run", fake_run)
+    argv = ["--cap", "avx2", "--config", "tagger", "--quick"]
+    assert runner.main(argv) == 0
+    ((command, env),) = started
+    assert command[1:] == ["-m", "lstmkit.bench", "--config", "tagger", "--quick"]
+    for name, value in runner.CAPS["avx2"].items():
+        assert env[name] == value
+    assert env["LSTMKIT_CPU_TARGET"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import subprocess
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -28,6 +29,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 import lstmkit
 from lstmkit import backends
+from lstmkit.backends.cpu import machine
 from lstmkit.bench import report
 from lstmkit.bench.check import Batch, check
 from lstmkit.bench.configs import (
@@ -240,12 +242,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "loop; default configs tagger and encoder (see benchmarks/README.md)",
     )
     parser.add_argument(
+        "--cap",
+        choices=sorted(CAPS),
+        help="time both libraries as an older CPU would run them: caps torch's oneDNN, MKL and "
+        "ATen and lstmkit's tier (LSTMKIT_CPU_TARGET) to that instruction set, in a fresh "
+        "process (they read it at start-up)",
+    )
+    parser.add_argument(
         "--limits",
         action="store_true",
         help="measure what this machine allows instead: one core's FMA rate and cache "
         "bandwidths, a round trip between two cores, and the autograd floor of a training step "
         "against torch's (default configs: the latency ones; see benchmarks/README.md)",
     )
+
+
+# --cap: the settings that make both libraries run a CPU's instruction set as an older CPU's.
+CAPS = {
+    "avx2": {
+        "ONEDNN_MAX_CPU_ISA": "AVX2",
+        "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+        "ATEN_CPU_CAPABILITY": "avx2",
+        machine.TARGET_ENV: "avx2",
+    },
+}
+
+
+def _run_capped(cap: str, argv: Sequence[str]) -> int:
+    """The benchmark of ``argv`` (without its --cap) in a fresh process with ``cap``'s
+    settings in its environment; its exit status."""
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--cap":
+            skip = True
+        elif not arg.startswith("--cap="):
+            rest.append(arg)
+    env = {**os.environ, **CAPS[cap]}
+    print(f"capped at {cap}: " + " ".join(f"{k}={v}" for k, v in CAPS[cap].items()), flush=True)
+    return subprocess.run([sys.executable, "-m", "lstmkit.bench", *rest], env=env).returncode
 
 
 def _positive_int(text: str) -> int:
@@ -330,6 +366,9 @@ def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Env
         print(busy)
     forced = backends.forced_name()
     print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
+    capped = [f"{name}={os.environ[name]}" for name in CAPS["avx2"] if name in os.environ]
+    if capped:
+        print(f"instruction sets capped: {' '.join(capped)}")
     return env
 
 
@@ -344,8 +383,13 @@ def end_peak(env: report.Environment, settings: Settings) -> float:
     return peak
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark the arguments describe; 1 if any check failed, else 0."""
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
+    """Run the benchmark the arguments describe (parsed from ``argv``, default the command
+    line's); 1 if any check failed, else 0."""
+    if args.cap is not None:
+        if argv is None:
+            argv = sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]
+        return _run_capped(args.cap, argv)
     if args.variants is not None and not args.list:
         # Imported here: the variants benchmark builds on this module.
         from lstmkit.bench import variants
@@ -391,4 +435,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``benchmarks/run.py`` and ``python -m lstmkit.bench``: the same as ``lstmkit bench``."""
     parser = argparse.ArgumentParser(prog="lstmkit bench", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run(parser.parse_args(argv), argv)
