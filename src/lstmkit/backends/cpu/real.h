@@ -200,6 +200,40 @@ LK_INLINE real vsum(vec v)
     return s;
 }
 
+/* ---- pairwise sums over many terms (steps, blocks of rows) ----
+ * One running sum over thousands of terms (a gradient summed over every step) loses about a
+ * rounding of the running sum per term, so its error grows with the number of terms; summed in
+ * pairs, then pairs of pairs, it grows with their log2. sum_push adds term number `count` (0, 1,
+ * 2, ...) of a sequence of vectors to a binary counter of partial sums: level k (ld reals after
+ * level k - 1) holds the sum of 2^k consecutive terms while bit k of the count is set. sum_total
+ * is the sum of the levels of `count` terms, the smallest first (the first `lanes` of each
+ * vector are read and written). Levels need no initial value; the order depends on the count
+ * alone, never on who computes a column (threads). */
+#define SUM_LEVELS 48 /* levels for up to 2^48 terms */
+LK_INLINE void sum_push(real *levels, int64_t ld, int64_t count, vec x, int64_t lanes)
+{
+    int k = 0;
+    for (; count >> k & 1; k++)
+        x = vload_n(levels + k * ld, lanes) + x;
+    vstore_n(levels + k * ld, x, lanes);
+}
+LK_INLINE vec sum_total(const real *levels, int64_t ld, int64_t count, int64_t lanes)
+{
+    vec total = splat(0);
+    for (int k = 0; count >> k != 0; k++)
+        if (count >> k & 1)
+            total += vload_n(levels + k * ld, lanes);
+    return total;
+}
+/* Levels that `count` terms need (at least 1). */
+static inline int64_t sum_levels(int64_t count)
+{
+    int64_t k = 1;
+    while (count >> k != 0)
+        k++;
+    return k;
+}
+
 /* ---- GEMM on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C ---- */
 
 static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, real alpha,
@@ -231,6 +265,48 @@ static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
                 for (int64_t j = 0; j < n; j++)
                     c[j] += a_ip * B[p * ldb + j];
         }
+    }
+}
+
+/* C (m x n, ldc) = A^T B over k rows: A (k x m, lda), B (k x n, ldb), row-major; for the
+ * weight gradients, whose k is every step's rows (thousands). One GEMM over all k keeps one
+ * running sum per element (a BLAS blocks k too, but adds its blocks one after the other, and
+ * small shapes not at all), so the rows go in chunks of GEMM_CHUNK_ROWS, one GEMM each, summed
+ * pairwise (as sum_push, whole matrices: chunk c goes into the free level, the full ones below
+ * are added to it). `levels`: gemm_levels(m, n, k) reals. The chunks are fixed by k, so the
+ * sums are the same whatever the threads. 256 rows keep the BLAS near its speed. */
+#define GEMM_CHUNK_ROWS 256
+static inline int64_t gemm_levels(int64_t m, int64_t n, int64_t k)
+{
+    const int64_t chunks = (k + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS;
+    return chunks <= 1 ? 0 : sum_levels(chunks) * m * n;
+}
+static inline void gemm_tn_rows(int64_t m, int64_t n, int64_t k, const real *A, int64_t lda,
+                                const real *B, int64_t ldb, real *C, int64_t ldc, real *levels)
+{
+    const int64_t chunks = (k + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, mn = m * n;
+    if (chunks <= 1) {
+        gemm(1, 0, m, n, k, 1, A, lda, B, ldb, 0, C, ldc);
+        return;
+    }
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r0 = c * GEMM_CHUNK_ROWS, rows = min64(GEMM_CHUNK_ROWS, k - r0);
+        int64_t j = 0;
+        while (c >> j & 1)
+            j++;
+        real *slot = levels + j * mn;
+        gemm(1, 0, m, n, rows, 1, A + r0 * lda, lda, B + r0 * ldb, ldb, 0, slot, n);
+        for (int64_t below = 0; below < j; below++)
+            for (int64_t e = 0; e < mn; e++)
+                slot[e] = levels[below * mn + e] + slot[e];
+    }
+    for (int64_t i = 0; i < m; i++) {
+        real *c = C + i * ldc;
+        for (int64_t e = 0; e < n; e++)
+            c[e] = 0;
+        for (int64_t j = 0; chunks >> j != 0; j++)
+            for (int64_t e = 0; e < n && (chunks >> j & 1); e++)
+                c[e] += levels[j * mn + i * n + e];
     }
 }
 
