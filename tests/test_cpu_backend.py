@@ -154,7 +154,10 @@ def test_kept_workspace_does_not_leak_into_the_next_call(name: str, dtype: torch
 def test_kept_workspace_does_not_leak_into_variant_calls(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The same for variant.c: layer norm and peepholes after a poisoned workspace."""
+    """The same for variant.c: layer norm and peepholes after a poisoned workspace give the
+    same bits as before it (a NaN read from the workspace would spread; against the reference,
+    the float32 gradients of this layer, of order 10, differ by their rounding alone by more
+    than the table's atol, whichever of the two is closer to float64)."""
     torch.manual_seed(0)
     module = lstmkit.LSTM(6, 10, 2, bidirectional=True, layer_norm=True, peepholes=True)
     module = module.to(dtype)
@@ -168,10 +171,10 @@ def test_kept_workspace_does_not_leak_into_variant_calls(
         ]
         return [out, h, c, *torch.autograd.grad((out, h, c), [x, *module.parameters()], seeds)]
 
-    expected = run("reference")
+    expected = run("cpu")
     poison_workspace(dtype)
     for k, (a, e) in enumerate(zip(run("cpu"), expected)):
-        assert_close(a, e, f"result {k}", "value" if k < 3 else "grad")
+        assert torch.equal(a, e), f"result {k}: differs after the workspace was poisoned"
 
 
 @pytest.fixture

@@ -39,11 +39,12 @@
  * Backward's dh = dA W_hh reads torch's rows of W_hh too, each half of the units adding its
  * share into a buffer of the step, and the weight and input gradients of thin shapes (up to 2V
  * columns, where the BLAS was several times off its FMA count) take register tiles of their
- * own over all steps. Except for the small case in forward, a batch-1 layer runs as items in
- * two halves (lk_items): on two threads, the calling thread and a helper (lk_pair_run), each
- * half of W_hh stays in its own core's L2, the threads exchange one count per step, and either
- * thread finishes alone what its partner is late for (another process holding its core), so a
- * busy core costs about the speed of one thread, not a scheduler timeslice per step.
+ * own over all steps (by blocks of steps, summed pairwise: see "Sums over the steps"). Except
+ * for the small case in forward, a batch-1 layer runs as items in two halves (lk_items): on
+ * two threads, the calling thread and a helper (lk_pair_run), each half of W_hh stays in its
+ * own core's L2, the threads exchange one count per step, and either thread finishes alone what
+ * its partner is late for (another process holding its core), so a busy core costs about the
+ * speed of one thread, not a scheduler timeslice per step.
  *
  * Threads: one OpenMP parallel region for the whole sequence. A bidirectional layer gives each
  * direction its own team (one thread each on two cores: no synchronisation at all); within a
@@ -69,6 +70,13 @@
  * dh_{t-1} = dA_t W_hh is split by columns of P (two barriers per step), the bias gradient is
  * summed on the way, and the weight gradients dA^T x, dA^T h_{t-1} (h_{t-1} gathered per packed
  * row), dh^T m and dx = dA W_ih are large GEMMs after the loop.
+ *
+ * Sums over the steps. A weight or bias gradient is a sum over every packed row (thousands):
+ * one running sum loses about one rounding of itself per term, which made them several times
+ * less accurate than torch's (which sums per step, then the steps). So the bias gradient of
+ * each step is a term of pairwise sums over the steps (sum_push), the weight GEMMs run by
+ * chunks of rows summed pairwise (gemm_tn_rows), the thin register tiles by blocks of steps
+ * summed pairwise; all of them in an order fixed by the steps alone, whatever the threads.
  */
 #include "lstm.h"
 #include "real.h"
@@ -997,6 +1005,7 @@ typedef struct {
     real *dC;       /* (B, Hp) gradient of c from the step after */
     real *dhs;      /* proj: (R, Pp) total dh per step, kept for dW_hr; else dH */
     real *db;       /* (Gp) bias gradient, permuted */
+    real *db_steps; /* (sum_levels(T), Gp) pairwise sums of the steps' bias gradients */
     real *dA;       /* (R, Gp) gate gradients (the kept gates stay intact) */
     real *dm;       /* proj: (B, Hp) gradient of m = o * tanh(c) at the current step */
     /* row (batch 1, see lk_items): per-step buffers instead of dH and dC */
@@ -1062,24 +1071,23 @@ LK_INLINE void block_backward(const bdir_t *w, const step_t *st, int64_t b, int6
 }
 
 /* Gate gradients of unit block blk for the active rows, given dh (rows ld apart); dC is the
- * gradient of c from the step after, then of the step before. */
-static void gate_backward(const bdir_t *w, const step_t *st, int64_t blk, const real *dh,
-                          int64_t ld)
+ * gradient of c from the step after, then of the step before. The step's bias gradient (its
+ * rows summed) is term `count` of the pairwise sums over the steps (sum_push). */
+static void gate_backward(const bdir_t *w, const step_t *st, int64_t count, int64_t blk,
+                          const real *dh, int64_t ld)
 {
     const dir_t *f = &w->f;
-    real *db = w->db + blk * W;
-    vec db_i = vload(db), db_f = vload(db + V), db_g = vload(db + 2 * V), db_o = vload(db + 3 * V);
+    vec db[4] = {splat(0), splat(0), splat(0), splat(0)};
     for (int64_t b = 0; b < st->n; b++) {
         real *dc_row = w->dC + b * f->Hp + blk * V;
         vec d[4];
         block_backward(w, st, b, blk, vload(dh + b * ld), vload(dc_row),
                        grad_row(w, st->t, b) + blk * W, dc_row, d);
-        db_i += d[0], db_f += d[1], db_g += d[2], db_o += d[3];
+        for (int q = 0; q < 4; q++)
+            db[q] += d[q];
     }
-    vstore(db, db_i);
-    vstore(db + V, db_f);
-    vstore(db + 2 * V, db_g);
-    vstore(db + 3 * V, db_o);
+    for (int q = 0; q < 4; q++)
+        sum_push(w->db_steps + blk * W + q * V, f->Gp, count, db[q], V);
 }
 
 /* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over the gate columns of unit blocks
@@ -1138,7 +1146,6 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         for (int64_t c = c0; c < c1; c++)
             dh[c] = d_h_n != NULL && c < f->P ? d_h_n[b * f->P + c] : 0;
     }
-    memset(w->db + b0 * W, 0, (size_t)((b1 - b0) * W) * sizeof(real));
     add_output_grad(w, w->f.rev ? 0 : f->T - 1, c0, c1);
     lk_barrier_wait(bar, sense);
     const rows_t none = rows(NULL, 0), dH = rows(w->dH, f->Pp);
@@ -1159,9 +1166,9 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         }
         for (int64_t blk = b0; blk < b1; blk++) {
             if (f->proj)
-                gate_backward(w, &st, blk, w->dm + blk * V, f->Hp);
+                gate_backward(w, &st, f->T - 1 - s, blk, w->dm + blk * V, f->Hp);
             else
-                gate_backward(w, &st, blk, dhs.base + blk * V, f->Pp);
+                gate_backward(w, &st, f->T - 1 - s, blk, dhs.base + blk * V, f->Pp);
         }
         lk_barrier_wait(bar, sense); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
@@ -1174,6 +1181,8 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
             add_output_grad(w, st.prev, c0, c1);
         lk_barrier_wait(bar, sense); /* dh for the step before complete */
     }
+    for (int64_t c = b0 * W; c < b1 * W; c += V)
+        vstore(w->db + c, sum_total(w->db_steps + c, f->Gp, f->T, V));
 }
 
 static void backward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar,
@@ -1203,26 +1212,39 @@ static int thin(const dir_t *w, int64_t columns)
     return w->row && (columns <= 2 * V || BLAS_GEMM == NULL);
 }
 
+/* Rows of Z and D that tn_tile sums in registers, before the block's sums join the pairwise
+ * sums over the blocks (sum_push): short enough that no one running sum is long, long enough
+ * that the pushes cost little next to the block's FMAs. */
+#define TN_BLOCK_ROWS 32
+
 /* C (K, ·) = Z^T D for rows kr of C (ldc apart) and 2 vectors of its columns, over all R rows
- * of Z (rows ldz apart) and D (rows Gp apart) in registers. */
+ * of Z (rows ldz apart) and D (rows Gp apart): by blocks of rows in registers, summed pairwise
+ * over the blocks. */
 LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, const real *D,
                        int64_t Gp, real *C, int64_t ldc)
 {
-    vec acc[6][2];
-    for (int r = 0; r < kr; r++)
-        acc[r][0] = acc[r][1] = splat(0);
-    for (int64_t t = 0; t < R; t++, z += ldz, D += Gp) {
-        const vec d0 = vload(D), d1 = vload(D + V);
-        for (int r = 0; r < kr; r++) {
-            const vec s = splat(z[r]);
-            acc[r][0] += s * d0;
-            acc[r][1] += s * d1;
+    real levels[SUM_LEVELS * 12 * V]; /* level k of vector j at (k 12 + j) V */
+    int64_t count = 0;
+    for (int64_t t0 = 0; t0 < R; t0 += TN_BLOCK_ROWS, count++) {
+        vec acc[6][2];
+        for (int r = 0; r < kr; r++)
+            acc[r][0] = acc[r][1] = splat(0);
+        const int64_t t1 = min64(R, t0 + TN_BLOCK_ROWS);
+        for (int64_t t = t0; t < t1; t++, z += ldz, D += Gp) {
+            const vec d0 = vload(D), d1 = vload(D + V);
+            for (int r = 0; r < kr; r++) {
+                const vec s = splat(z[r]);
+                acc[r][0] += s * d0;
+                acc[r][1] += s * d1;
+            }
         }
+        for (int r = 0; r < kr; r++)
+            for (int j = 0; j < 2; j++)
+                sum_push(levels + (2 * r + j) * V, 12 * V, count, acc[r][j], V);
     }
-    for (int r = 0; r < kr; r++) {
-        vstore(C + r * ldc, acc[r][0]);
-        vstore(C + r * ldc + V, acc[r][1]);
-    }
+    for (int r = 0; r < kr; r++)
+        for (int j = 0; j < 2; j++)
+            vstore(C + r * ldc + j * V, sum_total(levels + (2 * r + j) * V, 12 * V, count, V));
 }
 
 #define TN_TILE(kr)                                                                               \
@@ -1244,14 +1266,15 @@ static const tn_fn tn_tiles[7] = {NULL, tn_tile_1, tn_tile_2, tn_tile_3,
                                   tn_tile_4, tn_tile_5, tn_tile_6};
 
 /* The rows of dst (4H, K) in torch's layout = (Z^T D)^T for gate columns [c0, c1) (whole unit
- * blocks): Z (R, K), D (R, Gp) the gate gradients; tmp holds K x (c1 - c0). With a BLAS and
- * more than 2V columns (not thin) one GEMM, else register tiles. */
+ * blocks): Z (R, K), D (R, Gp) the gate gradients; tmp holds K x (c1 - c0), then the GEMM's
+ * pairwise sums. With a BLAS and more than 2V columns (not thin) GEMMs by chunks of rows
+ * (gemm_tn_rows), else register tiles. */
 static void row_weight_grad(const dir_t *w, int64_t R, const real *z, int64_t K, const real *D,
                             int64_t c0, int64_t c1, real *tmp, real *dst)
 {
     const int64_t n = c1 - c0;
     if (!thin(w, K)) {
-        gemm(1, 0, n, K, R, 1, D + c0, w->Gp, z, K, 0, tmp, K);
+        gemm_tn_rows(n, K, R, D + c0, w->Gp, z, K, tmp, K, tmp + n * K);
         for (int64_t col = c0; col < c1; col++) {
             const int64_t r = torch_row(w, col);
             if (r >= 0)
@@ -1382,10 +1405,12 @@ static void row_backward_item(const void *job, int64_t item, int half, int rank)
     row_dh(f, dA, w->part + (s * 2 + half) * f->Pp, b0, b1);
 }
 
-/* Rows of a rank's scratch: (4 half units, max(I, P)) weight gradients or (R/2, I) of dx. */
+/* Rows of a rank's scratch: (4 half units, max(I, P)) weight gradients and their pairwise
+ * sums (gemm_tn_rows), or (R/2, I) of dx. */
 static int64_t row_scratch(const dir_t *f, int64_t R)
 {
-    const int64_t weights = 4 * half_units(f) * (f->I > f->P ? f->I : f->P);
+    const int64_t IP = f->I > f->P ? f->I : f->P;
+    const int64_t weights = 4 * half_units(f) * IP + gemm_levels(4 * half_units(f), IP, R);
     const int64_t inputs = (R + 1) / 2 * f->I;
     return weights > inputs ? weights : inputs;
 }
@@ -1403,13 +1428,14 @@ static void row_weights_item(const void *job, int64_t item, int half, int rank)
     real *tmp = w->scratch + rank * row_scratch(f, R);
     if (dw[LK_B_IH] != NULL || dw[LK_B_HH] != NULL) {
         for (int64_t c = c0; c < c1; c += V) { /* in the loop's order: the last step first */
-            vec sum = splat(0);
+            real levels[SUM_LEVELS * V];
+            int64_t count = 0;
             for (int64_t s = f->T - 1; s >= 0; s--) {
                 const step_t st = make_step(f, s);
                 if (st.n > 0)
-                    sum += vload(grad_row(w, st.t, 0) + c);
+                    sum_push(levels, V, count++, vload(grad_row(w, st.t, 0) + c), V);
             }
-            vstore(tmp + c - c0, sum);
+            vstore(tmp + c - c0, sum_total(levels, V, count, V));
         }
         for (int64_t col = c0; col < c1; col++) {
             const int64_t r = torch_row(f, col);
@@ -1491,8 +1517,8 @@ static void row_initial_grads(const bdir_t *w)
 
 /* Weight, bias and initial-state gradients of one direction after the loop, and its part of
  * the packed input gradient dxp (beta: 0 for the first direction, 1 to add the second). */
-static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, real *dxp,
-                            real beta)
+static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, real *levels,
+                            real *dxp, real beta)
 {
     const dir_t *f = &w->f;
     const lk_grads *g = w->g;
@@ -1503,16 +1529,16 @@ static void parameter_grads(const bdir_t *w, int64_t R, real *tmp, real *hp, rea
     if (dw[LK_B_HH] != NULL)
         unpermute(f, w->db, dw[LK_B_HH], 1);
     if (dw[LK_W_IH] != NULL) {
-        gemm(1, 0, f->Gp, f->I, R, 1, w->dA, f->Gp, f->xp, f->I, 0, tmp, f->I);
+        gemm_tn_rows(f->Gp, f->I, R, w->dA, f->Gp, f->xp, f->I, tmp, f->I, levels);
         unpermute(f, tmp, dw[LK_W_IH], f->I);
     }
     if (dw[LK_W_HH] != NULL) {
         gather_h_prev(f, hp);
-        gemm(1, 0, f->Gp, f->P, R, 1, w->dA, f->Gp, hp, f->P, 0, tmp, f->P);
+        gemm_tn_rows(f->Gp, f->P, R, w->dA, f->Gp, hp, f->P, tmp, f->P, levels);
         unpermute(f, tmp, dw[LK_W_HH], f->P);
     }
     if (dw[LK_W_HR] != NULL)
-        gemm(1, 0, f->P, f->H, R, 1, w->dhs, f->Pp, f->m, f->Hp, 0, dw[LK_W_HR], f->H);
+        gemm_tn_rows(f->P, f->H, R, w->dhs, f->Pp, f->m, f->Hp, dw[LK_W_HR], f->H, levels);
     if (dxp != NULL)
         input_grad(f, R, w->dA, beta, dxp);
     for (int64_t b = 0; b < f->B; b++) {
@@ -1529,6 +1555,7 @@ typedef struct {
     real *tmp; /* (Gp, max(I, P)) a weight gradient before its rows are put in torch's order */
     real *hp;  /* (R, P) h_{t-1} of every packed row */
     real *dxp; /* (R, I) packed input gradient, for lengths */
+    real *levels; /* the weight gradients' pairwise sums (gemm_tn_rows) */
 } bshared_t;
 
 static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, char *base,
@@ -1541,6 +1568,9 @@ static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, cha
     shared->tmp = TAKE(&arena, f0->Gp * (a->I > a->P ? a->I : a->P));
     shared->hp = TAKE(&arena, R * a->P);
     shared->dxp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
+    const int64_t IP = a->I > a->P ? a->I : a->P;
+    const int64_t weights = gemm_levels(f0->Gp, IP, R), proj = gemm_levels(a->P, a->H, R);
+    shared->levels = f0->row ? NULL : TAKE(&arena, weights > proj ? weights : proj);
     real *saved = a->saved;
     for (int64_t d = 0; d < a->D; d++) {
         bdir_t *w = &dirs[d];
@@ -1556,6 +1586,7 @@ static size_t backward_workspace(bdir_t *dirs, const lk_layer *a, int64_t R, cha
         w->dH = TAKE(&arena, a->B * f->Pp);
         w->dC = TAKE(&arena, a->B * f->Hp);
         w->db = TAKE(&arena, f->Gp);
+        w->db_steps = f->row ? NULL : TAKE(&arena, sum_levels(a->T) * f->Gp);
         w->dA = TAKE(&arena, R * f->Gp);
         w->dm = f->proj ? TAKE(&arena, a->B * f->Hp) : NULL;
         w->dhs = f->proj ? TAKE(&arena, R * f->Pp) : NULL;
@@ -1625,7 +1656,8 @@ int SUF(lk_backward)(const lk_layer *a, const lk_grads *g)
     } else {
         run_teams(backward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
         for (int64_t d = 0; d < a->D; d++)
-            parameter_grads(&dirs[d], R, shared.tmp, shared.hp, dx, d == 0 ? 0 : 1);
+            parameter_grads(&dirs[d], R, shared.tmp, shared.hp, shared.levels, dx,
+                            d == 0 ? 0 : 1);
     }
     if (dx != NULL && dx != g->d_x)
         unpack_input_grad(a, dirs[0].f.off, dx, g->d_x);

@@ -252,7 +252,11 @@ LK_INLINE vec v_sigmoid(vec x) { return 1 / (1 + v_exp(-x)); }
  * put back. q is v_exp's polynomial without its constant term, r + r^2/2 + ..., so it keeps its
  * bits where it is small, and numerator and denominator are each one rounding from q:
  * (1 - 2^n) - 2^n q and (1 + 2^n) + 2^n q, where 1 -+ 2^n is exact. So there is no cancellation
- * near 0 (n = 0: -q / (2 + q)). Below EXP_LO, e is 0 to working precision and tanh exactly 1. */
+ * near 0 (n = 0: -q / (2 + q)). From |x| = 5/8 on (tanh > 1/2) it is 1 - 2e / (1 + e): the
+ * rounding errors of the quotient are those of a number below 1/2, so the result is about
+ * correctly rounded where tanh saturates, and 1 - tanh^2 (backward's derivative, a difference
+ * of nearly equal numbers there) keeps its digits instead of losing twice as many as torch's.
+ * One division serves both. Below EXP_LO, e is 0 to working precision and tanh exactly 1. */
 LK_INLINE vec v_tanh(vec x)
 {
     const ivec sign = (ivec)((uvec){} + ((uval)1 << (sizeof(real) * 8 - 1)));
@@ -266,7 +270,9 @@ LK_INLINE vec v_tanh(vec x)
         p = p * r + exp_taylor[k];
     const vec q = p * r;
     const vec scale = exp2_int(shifted);
-    const vec t = ((1 - scale) - scale * q) / ((1 + scale) + scale * q);
+    const vec inverse = 1 / ((1 + scale) + scale * q);
+    const vec near_zero = ((1 - scale) - scale * q) * inverse;
+    const vec t = vsel((ivec)(y < (real)-1.25), 1 - 2 * (scale + scale * q) * inverse, near_zero);
     return (vec)((ivec)t | ((ivec)x & sign));
 }
 
@@ -286,6 +292,40 @@ LK_INLINE real vsum(vec v)
     for (int64_t k = 0; k < V; k++)
         s += v[k];
     return s;
+}
+
+/* ---- pairwise sums over many terms (steps, blocks of rows) ----
+ * One running sum over thousands of terms (a gradient summed over every step) loses about a
+ * rounding of the running sum per term, so its error grows with the number of terms; summed in
+ * pairs, then pairs of pairs, it grows with their log2. sum_push adds term number `count` (0, 1,
+ * 2, ...) of a sequence of vectors to a binary counter of partial sums: level k (ld reals after
+ * level k - 1) holds the sum of 2^k consecutive terms while bit k of the count is set. sum_total
+ * is the sum of the levels of `count` terms, the smallest first (the first `lanes` of each
+ * vector are read and written). Levels need no initial value; the order depends on the count
+ * alone, never on who computes a column (threads). */
+#define SUM_LEVELS 48 /* levels for up to 2^48 terms */
+LK_INLINE void sum_push(real *levels, int64_t ld, int64_t count, vec x, int64_t lanes)
+{
+    int k = 0;
+    for (; count >> k & 1; k++)
+        x = vload_n(levels + k * ld, lanes) + x;
+    vstore_n(levels + k * ld, x, lanes);
+}
+LK_INLINE vec sum_total(const real *levels, int64_t ld, int64_t count, int64_t lanes)
+{
+    vec total = splat(0);
+    for (int k = 0; count >> k != 0; k++)
+        if (count >> k & 1)
+            total += vload_n(levels + k * ld, lanes);
+    return total;
+}
+/* Levels that `count` terms need (at least 1). */
+static inline int64_t sum_levels(int64_t count)
+{
+    int64_t k = 1;
+    while (count >> k != 0)
+        k++;
+    return k;
 }
 
 /* ---- GEMM on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C ---- */
@@ -319,6 +359,48 @@ static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
                 for (int64_t j = 0; j < n; j++)
                     c[j] += a_ip * B[p * ldb + j];
         }
+    }
+}
+
+/* C (m x n, ldc) = A^T B over k rows: A (k x m, lda), B (k x n, ldb), row-major; for the
+ * weight gradients, whose k is every step's rows (thousands). One GEMM over all k keeps one
+ * running sum per element (a BLAS blocks k too, but adds its blocks one after the other, and
+ * small shapes not at all), so the rows go in chunks of GEMM_CHUNK_ROWS, one GEMM each, summed
+ * pairwise (as sum_push, whole matrices: chunk c goes into the free level, the full ones below
+ * are added to it). `levels`: gemm_levels(m, n, k) reals. The chunks are fixed by k, so the
+ * sums are the same whatever the threads. 256 rows keep the BLAS near its speed. */
+#define GEMM_CHUNK_ROWS 256
+static inline int64_t gemm_levels(int64_t m, int64_t n, int64_t k)
+{
+    const int64_t chunks = (k + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS;
+    return chunks <= 1 ? 0 : sum_levels(chunks) * m * n;
+}
+static inline void gemm_tn_rows(int64_t m, int64_t n, int64_t k, const real *A, int64_t lda,
+                                const real *B, int64_t ldb, real *C, int64_t ldc, real *levels)
+{
+    const int64_t chunks = (k + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, mn = m * n;
+    if (chunks <= 1) {
+        gemm(1, 0, m, n, k, 1, A, lda, B, ldb, 0, C, ldc);
+        return;
+    }
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t r0 = c * GEMM_CHUNK_ROWS, rows = min64(GEMM_CHUNK_ROWS, k - r0);
+        int64_t j = 0;
+        while (c >> j & 1)
+            j++;
+        real *slot = levels + j * mn;
+        gemm(1, 0, m, n, rows, 1, A + r0 * lda, lda, B + r0 * ldb, ldb, 0, slot, n);
+        for (int64_t below = 0; below < j; below++)
+            for (int64_t e = 0; e < mn; e++)
+                slot[e] = levels[below * mn + e] + slot[e];
+    }
+    for (int64_t i = 0; i < m; i++) {
+        real *c = C + i * ldc;
+        for (int64_t e = 0; e < n; e++)
+            c[e] = 0;
+        for (int64_t j = 0; chunks >> j != 0; j++)
+            for (int64_t e = 0; e < n && (chunks >> j & 1); e++)
+                c[e] += levels[j * mn + i * n + e];
     }
 }
 

@@ -37,9 +37,10 @@
  * recomputed from the gates. Backward walks the steps in reverse: per row two passes give the
  * gate gradients dA (the first collects LN(c)'s row sums), LN(W_hh h)'s backward gives dY, and
  * dh_{t-1} = mask * (dY W_hh) + zoneout's carry is one GEMM. The LN gains and shifts of the
- * products, the biases, dx and the weight gradients come after the loop: column sums, LN(W_ih x)'s
- * backward row by row, and large GEMMs after the teams, on the calling thread with the BLAS's
- * threads (dW_ih = dX^T x, dW_hh = dY^T hm, dW_hr = dh'^T m, dx = dX W_ih).
+ * products, the biases, dx and the weight gradients come after the loop: column sums (pairwise
+ * over the rows, see kernel.c's "Sums over the steps"), LN(W_ih x)'s backward row by row, and
+ * large GEMMs after the teams, on the calling thread with the BLAS's threads (dW_ih = dX^T x,
+ * dW_hh = dY^T hm, dW_hr = dh'^T m by chunks of rows summed pairwise; dx = dX W_ih).
  */
 #include "lstm.h"
 #include "real.h"
@@ -563,6 +564,7 @@ typedef struct {
     real *dm;             /* proj: (B, H) gradient of m = dh' W_hr */
     real *tmp;            /* (B, P) dY W_hh before the recurrent mask */
     real *db, *dg_ih, *dg_hh; /* (G) sums over rows: bias, LN gains of the products */
+    real *sums;           /* (sum_levels(R), 3, G) their pairwise sums (see column_sums) */
     real *own;            /* (threads, OWN * H) each thread's part, see own_t */
 } vback;
 
@@ -695,28 +697,35 @@ static void output_grads(const vback *w, const step_t *st, int64_t r0, int64_t r
 }
 
 /* Sums over every packed row for columns [c0, c1): the bias gradient, and the LN gains' of
- * both products. */
+ * both products; pairwise over the rows (sum_push, level k of sum i at (3 k + i) G). */
 static void column_sums(const vback *w, int64_t c0, int64_t c1)
 {
     const vdir *f = &w->f;
     const int64_t G = f->G, n = c1 - c0;
     if (n <= 0)
         return;
-    memset(w->db + c0, 0, (size_t)n * sizeof(real));
-    memset(w->dg_ih + c0, 0, (size_t)n * sizeof(real));
-    memset(w->dg_hh + c0, 0, (size_t)n * sizeof(real));
+    real *const out[3] = {w->db, w->dg_ih, w->dg_hh};
+    const int on[3] = {1, f->ln_ih, f->ln_hh};
     for (int64_t r = 0; r < f->R; r++) {
         const real *dA = w->dA.base + r * G;
         for (int64_t j = c0; j < c1; j += V) {
             const int64_t lanes = min64(V, c1 - j);
             const vec d = vload_n(dA + j, lanes);
-            accumulate(w->db, j, d, lanes);
+            sum_push(w->sums + j, 3 * G, r, d, lanes);
             if (f->ln_ih)
-                accumulate(w->dg_ih, j, d * vload_n(f->X.base + r * G + j, lanes), lanes);
+                sum_push(w->sums + G + j, 3 * G, r, d * vload_n(f->X.base + r * G + j, lanes),
+                         lanes);
             if (f->ln_hh)
-                accumulate(w->dg_hh, j, d * vload_n(f->Y.base + r * G + j, lanes), lanes);
+                sum_push(w->sums + 2 * G + j, 3 * G, r,
+                         d * vload_n(f->Y.base + r * G + j, lanes), lanes);
         }
     }
+    for (int i = 0; i < 3; i++)
+        for (int64_t j = c0; j < c1; j += V) {
+            const int64_t lanes = min64(V, c1 - j);
+            const vec total = on[i] ? sum_total(w->sums + i * G + j, 3 * G, f->R, lanes) : splat(0);
+            vstore_n(out[i] + j, total, lanes);
+        }
 }
 
 static void copy_out(void *dst, const real *src, int64_t n)
@@ -812,13 +821,16 @@ static void initial_grads(const vback *w, int threads)
 }
 
 static size_t backward_workspace(vback *dirs, const lk_layer *a, int threads, char *base,
-                                 real **dxp)
+                                 real **dxp, real **levels)
 {
     lk_arena arena = {base, 0};
     int64_t *off = lk_take(&arena, (size_t)a->T + 1, sizeof(int64_t));
     const int64_t R = dirs[0].f.R, B = a->B;
     real *xp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
     *dxp = a->lengths != NULL ? TAKE(&arena, R * a->I) : NULL;
+    const int64_t IP = a->I > a->P ? a->I : a->P;
+    const int64_t weights = gemm_levels(4 * a->H, IP, R), proj = gemm_levels(a->P, a->H, R);
+    *levels = TAKE(&arena, weights > proj ? weights : proj);
     real *saved = a->saved;
     for (int64_t d = 0; d < a->D; d++) {
         vback *w = &dirs[d];
@@ -839,6 +851,7 @@ static size_t backward_workspace(vback *dirs, const lk_layer *a, int threads, ch
         w->db = TAKE(&arena, G);
         w->dg_ih = TAKE(&arena, G);
         w->dg_hh = TAKE(&arena, G);
+        w->sums = TAKE(&arena, sum_levels(R) * 3 * G);
         w->own = TAKE(&arena, threads * OWN * H);
     }
     return arena.used;
@@ -860,12 +873,13 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         dirs[d].d_param = dv->d_param[d];
     }
     const int threads = lk_threads(a, 2 * lk_layer_flops(a));
-    real *dxp;
-    lk_block *block = lk_workspace_take(backward_workspace(dirs, a, threads, NULL, &dxp));
+    real *dxp, *levels;
+    lk_block *block =
+        lk_workspace_take(backward_workspace(dirs, a, threads, NULL, &dxp, &levels));
     if (block == NULL)
         return -1;
     char *work = block->p;
-    backward_workspace(dirs, a, threads, work, &dxp);
+    backward_workspace(dirs, a, threads, work, &dxp, &levels);
     const int64_t *off = dirs[0].f.off;
     lk_fill_offsets(a, (int64_t *)off);
     const real *xp = pack_input(a, off, (real *)dirs[0].f.xp);
@@ -882,11 +896,11 @@ int SUF(lk_variant_backward)(const lk_layer *a, const lk_variant *v, const lk_gr
         void *const *dw = g->d_w[d];
         const int64_t G = f->G, I = f->I, P = f->P, H = f->H;
         if (dw[LK_W_IH] != NULL)
-            gemm(1, 0, G, I, R, 1, w->dX, G, xp, I, 0, dw[LK_W_IH], I);
+            gemm_tn_rows(G, I, R, w->dX, G, xp, I, dw[LK_W_IH], I, levels);
         if (dw[LK_W_HH] != NULL)
-            gemm(1, 0, G, P, R, 1, w->dY.base, G, f->hm.base, P, 0, dw[LK_W_HH], P);
+            gemm_tn_rows(G, P, R, w->dY.base, G, f->hm.base, P, dw[LK_W_HH], P, levels);
         if (dw[LK_W_HR] != NULL)
-            gemm(1, 0, P, H, R, 1, w->dh.base, P, f->m.base, H, 0, dw[LK_W_HR], H);
+            gemm_tn_rows(P, H, R, w->dh.base, P, f->m.base, H, dw[LK_W_HR], H, levels);
         if (dx != NULL)
             gemm(0, 0, R, I, G, 1, w->dX, G, f->w_ih, I, d == 0 ? 0 : 1, dx, I);
     }
