@@ -61,6 +61,9 @@ TRAIN = textwrap.dedent(
         optimizer.step()
     if os.environ.get("RANK", "0") == "0":
         torch.save({{"initial": initial, "final": model.state_dict()}}, sys.argv[1])
+    if "RANK" in os.environ:  # gloo's threads must stop before the process exits
+        dist.barrier()
+        dist.destroy_process_group()
     """
 )
 
