@@ -5,10 +5,10 @@ A small C library with a plain C ABI, compiled with the machine's compiler on fi
 ``lstm.h``/``lstm.c`` (the ABI), ``real.h`` (per element type: vectors, tanh and sigmoid, GEMM),
 ``kernel.c`` (one plain layer; the design is in its header) and ``variant.c`` (one layer with
 step variants: layer norm, peepholes, zoneout, recurrent dropout, in any combination).
-Differentiated by autograd Functions whose backward is the C backward pass: one layer
-(:mod:`.function`), a whole plain stack (:mod:`.stack`), a layer with variants
-(:mod:`.variants`). float32 and float64; everything the reference covers: proj_size,
-bias=False, both directions, lengths, cell_sequence, training and inference.
+Reached through torch ops (:mod:`.ops`) whose autograd is the C backward pass: one layer
+(:mod:`.function`, with variants :mod:`.variants`), a whole plain stack (:mod:`.stack`).
+float32 and float64; everything the reference covers: proj_size, bias=False, both
+directions, lengths, cell_sequence, training and inference.
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import torch
 from torch import Tensor
 
 from lstmkit.backends import Backend, Request
-from lstmkit.backends.cpu import build, library
-from lstmkit.backends.cpu import variants as variants_module
-from lstmkit.backends.cpu.function import LayerFunction, run, through_function
-from lstmkit.backends.cpu.stack import StackFunction, run_stack
+from lstmkit.backends.cpu import build, function, library, ops, stack
+from lstmkit.backends.cpu.variants import variant_lists
 from lstmkit.reference import LayerWeights, Variant
 
 DTYPES = (torch.float32, torch.float64)
@@ -70,20 +68,16 @@ class CpuBackend(Backend):
         cell_sequence: bool = False,
         variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
-        kernels = library.load().kernels[x.dtype]
-        params = [None if w is None else w.contiguous() for layer in weights for w in layer]
-        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        if lengths is not None:
-            lengths = lengths.to(torch.int64).contiguous()
+        params = _flat([w for layer in weights for w in layer], x)
+        variant_params, masks, keep = [], [], []
         if variants is not None:
-            return variants_module.run_layer(
-                kernels, x, h0, c0, params, lengths, cell_sequence, variants
-            )
-        if through_function((x, h0, c0, *params)):
-            return LayerFunction.apply(kernels, lengths, cell_sequence, x, h0, c0, *params)
-        _, out, h_n, c_n, cells, _ = run(
-            kernels, x, h0, c0, params, lengths, cell_sequence, training=False
-        )
+            variant_params, masks, keep = variant_lists(variants, x)
+        training = _needs_grad((x, h0, c0, *params, *variant_params))
+        args = (x, h0, c0, params, _lengths(lengths), variant_params, masks, keep)
+        if ops.direct(x, training):
+            out, h_n, c_n, cells, _ = function.forward(*args, cell_sequence, training)
+        else:
+            out, h_n, c_n, cells, _ = ops.layer(*args, cell_sequence, training)
         return (out, h_n, c_n, cells) if cell_sequence else (out, h_n, c_n)
 
     def run_stack(
@@ -94,15 +88,31 @@ class CpuBackend(Backend):
         weights: list[list[LayerWeights]],
         lengths: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        kernels = library.load().kernels[x.dtype]
-        params = [None if w is None else w.contiguous() for ws in weights for d in ws for w in d]
-        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        directions = len(weights[0])
-        if lengths is not None:
-            lengths = lengths.to(torch.int64).contiguous()
-        if through_function((x, h0, c0, *params)):
-            return StackFunction.apply(kernels, lengths, directions, x, h0, c0, *params)
-        return run_stack(kernels, x, h0, c0, params, directions, lengths)
+        params = _flat([w for ws in weights for d in ws for w in d], x)
+        training = _needs_grad((x, h0, c0, *params))
+        args = (x, h0, c0, params, _lengths(lengths), len(weights[0]), training)
+        if ops.direct(x, training):
+            out, h_n, c_n, _ = stack.forward(*args)
+        else:
+            out, h_n, c_n, _ = ops.stack_op(*args)
+        return out, h_n, c_n
+
+
+def _flat(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
+    """The op's tensor list: an absent weight (no bias, no projection) as an empty tensor."""
+    if all(t is not None for t in tensors):
+        return tensors
+    empty = like.new_empty(0)
+    return [empty if t is None else t for t in tensors]
+
+
+def _lengths(lengths: Tensor | None) -> Tensor | None:
+    return None if lengths is None else lengths.to(torch.int64).contiguous()
+
+
+def _needs_grad(tensors: tuple[Tensor, ...]) -> bool:
+    """Whether autograd will differentiate the call: then the forward keeps what backward needs."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 BACKEND = CpuBackend()

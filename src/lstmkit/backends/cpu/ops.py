@@ -1,0 +1,249 @@
+"""The cpu kernels as torch ops, so that torch.compile, torch.export, torch.func and
+torch.jit.trace see one op per layer (or stack), never ctypes and raw addresses.
+
+Ops (namespace ``lstmkit``), tensor-only schemas; an absent tensor (no bias, a variant that is
+off) is an empty one, since torch's autograd wrapper mishandles ``None`` in a tensor list:
+
+- ``layer(x, h0, c0, params, lengths, variant_params, masks, keep, cell_sequence, training)``
+  -> out, h_n, c_n, cells, saved: one layer, every direction (:mod:`.function`; the variant
+  kernels when ``variant_params`` is not empty, :mod:`.variants`).
+- ``stack(x, h0, c0, params, lengths, directions, training)`` -> out, h_n, c_n, kept: a whole
+  plain stack (:mod:`.stack`).
+- ``layer_backward`` and ``stack_backward``: their C backward, the gradients ``needs`` marks.
+
+Fake implementations compute every shape from L, N and the weights' shapes: the buffer kept
+for backward is sized for L*N rows whatever the lengths (:func:`.function.saved_elems`).
+Building and loading the library happen inside the implementations (or, for a fake, the size
+query), never in traced code. Autograd is registered with ``register_autograd`` and
+``setup_context`` (so torch.func works); a backward asked to build a graph of the gradient
+(``create_graph=True``, and every torch.func.grad) differentiates the reference recurrence
+instead, recomputed from the saved inputs, so that higher derivatives are right. vmap folds the
+vmapped dimension into N for inference and loops over it otherwise.
+
+The dispatcher's way into Python costs tens of microseconds per op on a small machine, more
+than a whole small inference call, so an eager call that nothing transforms, traces or
+differentiates calls the implementation directly (:func:`direct`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+from lstmkit.backends.cpu import autograd, batching, function, stack
+
+Tensors = list[Tensor]
+
+
+def direct(x: Tensor, training: bool) -> bool:
+    """Whether a call may skip the op and run its implementation: plain eager inference, which
+    no compiler, exporter, tracer, torch.func transform or dispatch mode is watching."""
+    if torch.compiler.is_compiling() or training or torch.jit.is_tracing():
+        return False
+    return (
+        type(x) is Tensor
+        and not torch._C._are_functorch_transforms_active()
+        and _get_current_dispatch_mode() is None
+    )
+
+
+@torch.library.custom_op("lstmkit::layer", mutates_args=())
+def layer(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    variant_params: Tensors,
+    masks: Tensors,
+    keep: list[float],
+    cell_sequence: bool,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return function.forward(
+        x, h0, c0, params, lengths, variant_params, masks, keep, cell_sequence, training
+    )
+
+
+@layer.register_fake
+def _(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    variant_params: Tensors,
+    masks: Tensors,
+    keep: list[float],
+    cell_sequence: bool,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    steps, batch, _ = x.shape
+    directions = len(params) // 5
+    h_size, hidden = h0.shape[2], c0.shape[2]
+    new = x.new_empty
+    cells = new(steps, batch, directions * hidden) if cell_sequence or training else new(0)
+    saved = new(0)
+    if training:
+        key = function.variant_key(variant_params, masks, keep)
+        per_row = function.saved_elems(
+            x.dtype, int(hidden), int(h_size), function.proj_key(params), key
+        )
+        saved = new(steps * batch * per_row)
+    return (
+        new(steps, batch, directions * h_size),
+        new(directions, batch, h_size),
+        new(directions, batch, hidden),
+        cells,
+        saved,
+    )
+
+
+@torch.library.custom_op("lstmkit::layer_backward", mutates_args=())
+def layer_backward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    variant_params: Tensors,
+    masks: Tensors,
+    keep: list[float],
+    out: Tensor,
+    cells: Tensor,
+    saved: Tensor,
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+    d_cells: Tensor | None,
+    needs: list[bool],
+) -> Tensors:
+    incoming = [d_out, d_h_n, d_c_n, d_cells]
+    return function.backward(
+        x, h0, c0, params, lengths, variant_params, masks, keep, out, cells, saved, incoming, needs
+    )
+
+
+@layer_backward.register_fake
+def _(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    variant_params: Tensors,
+    masks: Tensors,
+    keep: list[float],
+    out: Tensor,
+    cells: Tensor,
+    saved: Tensor,
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+    d_cells: Tensor | None,
+    needs: list[bool],
+) -> Tensors:
+    return _like_needed([x, h0, c0, *params, *variant_params], needs)
+
+
+@torch.library.custom_op("lstmkit::stack", mutates_args=())
+def stack_op(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    directions: int,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensors]:
+    return stack.forward(x, h0, c0, params, lengths, directions, training)
+
+
+@stack_op.register_fake
+def _(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    directions: int,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensors]:
+    steps, batch, _ = x.shape
+    h_size, hidden = h0.shape[2], c0.shape[2]
+    layers = len(params) // (5 * directions)
+    new = x.new_empty
+    out = new(steps, batch, directions * h_size)
+    kept: Tensors = []
+    if training:
+        inputs = [new(steps, batch, directions * h_size) for _ in range(layers - 1)]
+        cells = [new(steps, batch, directions * hidden) for _ in range(layers)]
+        per_layer = 5 * directions
+        saved = [
+            new(steps * batch * function.saved_elems(x.dtype, int(hidden), int(h_size), proj))
+            for proj in (
+                function.proj_key(params[f : f + per_layer])
+                for f in range(0, len(params), per_layer)
+            )
+        ]
+        kept = [*inputs, *cells, *saved]
+    return out, new(h0.shape), new(c0.shape), kept
+
+
+@torch.library.custom_op("lstmkit::stack_backward", mutates_args=())
+def stack_backward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    directions: int,
+    out: Tensor,
+    kept: Tensors,
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+    needs: list[bool],
+) -> Tensors:
+    return stack.backward(
+        x, h0, c0, params, lengths, directions, out, kept, d_out, d_h_n, d_c_n, needs
+    )
+
+
+@stack_backward.register_fake
+def _(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: Tensors,
+    lengths: Tensor | None,
+    directions: int,
+    out: Tensor,
+    kept: Tensors,
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+    needs: list[bool],
+) -> Tensors:
+    return _like_needed([x, h0, c0, *params], needs)
+
+
+def _like_needed(inputs: Sequence[Tensor], needs: Sequence[bool]) -> Tensors:
+    return [t.new_empty(t.shape) for t, need in zip(inputs, needs) if need]
+
+
+torch.library.register_autograd(
+    "lstmkit::layer", autograd.backward_layer, setup_context=autograd.setup_layer
+)
+torch.library.register_autograd(
+    "lstmkit::stack", autograd.backward_stack, setup_context=autograd.setup_stack
+)
+torch.library.register_vmap("lstmkit::layer", batching.layer_rule(torch.ops.lstmkit.layer))
+torch.library.register_vmap("lstmkit::stack", batching.stack_rule(torch.ops.lstmkit.stack))
+for _name in ("layer_backward", "stack_backward"):
+    torch.library.register_vmap(
+        f"lstmkit::{_name}", batching.loop(getattr(torch.ops.lstmkit, _name))
+    )
