@@ -288,6 +288,13 @@ class LSTM(nn.Module):
             self.__dict__["_cached_lists"] = (key, lists)
         return lists
 
+    def __getstate__(self) -> dict:
+        """The module's state for pickling and copying, without the cache of parameter lists
+        (rebuilt on the next call), so that a pickle holds only lstmkit's public classes."""
+        state = self.__dict__.copy()
+        state.pop("_cached_lists", None)
+        return state
+
     def _parameter(self, name: str) -> Tensor | None:
         """The parameter (or computed weight) called ``name``; ``None`` if the configuration
         has none (``bias_ih`` without bias, ``weight_hr`` without projection, ...)."""

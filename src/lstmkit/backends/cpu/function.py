@@ -135,9 +135,13 @@ def forward(
     if training:
         key = variant_key(variant_params, masks, keep)
         rows = steps * batch * saved_elems(x.dtype, hidden, h_size, proj_key(params), key)
-        saved = new(rows)
+        # Zeros where the kernels write nothing (rows no sequence reaches; some of the variant
+        # kernels' buffers), so that every call returns the same.
+        saved = x.new_zeros(rows) if variant is not None else new(rows)
         fields[-1] = saved.data_ptr()
     layer = LAYER.pack(*fields)
+    if training and lengths is not None and variant is None:
+        saved[kernels.saved_elems(layer) :].zero_()
     status = kernels.forward(layer) if variant is None else kernels.variant_forward(layer, variant)
     if status != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")

@@ -50,6 +50,21 @@ def direct(x: Tensor, training: bool) -> bool:
     )
 
 
+def check_lengths(lengths: Tensor | None, steps: int) -> None:
+    """What the kernels assume of ``lengths``; a traced graph cannot check values before its
+    ops run (:func:`lstmkit.checks.check_lengths` skips them there), so the ops do."""
+    if lengths is None or lengths.numel() == 0:
+        return
+    low, high = int(lengths.min()), int(lengths.max())
+    if low < 0 or high > steps:
+        raise ValueError(
+            f"lengths must lie in [0, L] = [0, {steps}] (L is the padded sequence length), "
+            f"got values from {low} to {high}"
+        )
+    if bool((lengths[1:] > lengths[:-1]).any()):
+        raise ValueError(f"the kernels need lengths in non-increasing order, got {lengths}")
+
+
 @torch.library.custom_op("lstmkit::layer", mutates_args=())
 def layer(
     x: Tensor,
@@ -63,6 +78,7 @@ def layer(
     cell_sequence: bool,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    check_lengths(lengths, x.shape[0])
     return function.forward(
         x, h0, c0, params, lengths, variant_params, masks, keep, cell_sequence, training
     )
@@ -159,6 +175,7 @@ def stack_op(
     directions: int,
     training: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensors]:
+    check_lengths(lengths, x.shape[0])
     return stack.forward(x, h0, c0, params, lengths, directions, training)
 
 

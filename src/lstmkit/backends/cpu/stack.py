@@ -65,7 +65,10 @@ def forward(
             cells.append(layer_cells)
             if first > 0:
                 inputs.append(layer_input)
-        if kernels.forward(LAYER.pack(*fields)) != 0:
+        layer = LAYER.pack(*fields)
+        if training and lengths is not None:
+            saved[-1][kernels.saved_elems(layer) :].zero_()  # as function.forward does
+        if kernels.forward(layer) != 0:
             raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
         layer_input = out
     return layer_input, h_n, c_n, [*inputs, *cells, *saved]
