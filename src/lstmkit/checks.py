@@ -255,8 +255,9 @@ def check_parameters(
     tensor's identity, ``_version`` (in-place changes, ``resize_``) and address (``p.data =
     other`` changes neither of the others), and is checked again when any of them changes.
     """
-    if torch.compiler.is_compiling():
-        # Traced once; the compiled graph guards on every parameter's shape, dtype and device.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # Traced once (the compiled graph guards on every parameter's shape, dtype and
+        # device), or tensors without storage (torch.func's wrappers): nothing to remember.
         _check_parameters(weights, variants, spec, like)
         return
     flat = [t for layer in weights for w in layer for t in w]

@@ -282,6 +282,10 @@ class LSTM(nn.Module):
                 for s in _chunks(suffixes, directions)
             ]
         lists = (weights, variants)
+        # Traced code (torch.compile, torch.export) reads the parameters anew each time it
+        # runs; it must not leave tensors of its own in the module.
+        if torch.compiler.is_compiling():
+            return lists
         if not torch.nn.utils.parametrize.is_parametrized(self) and all(
             name in self._parameters for names in self._all_weights for name in names
         ):

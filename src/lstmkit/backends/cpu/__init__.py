@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from lstmkit.backends import Backend, Request
 from lstmkit.backends.cpu import build, function, library, ops, stack
@@ -45,6 +47,10 @@ class CpuBackend(Backend):
             return f"runs on CPU tensors only, not {request.device_type}"
         if request.dtype not in DTYPES:
             return f"supports float32 and float64 only, not {str(request.dtype).split('.')[-1]}"
+        if torch._C._are_functorch_transforms_active():
+            reason = func_transform_reason(request.requires_grad)
+            if reason is not None:
+                return reason
         return library.failure()
 
     def warmup(self) -> str:
@@ -96,6 +102,21 @@ class CpuBackend(Backend):
         else:
             out, h_n, c_n, _ = ops.stack_op(*args)
         return out, h_n, c_n
+
+
+def func_transform_reason(requires_grad: bool) -> str | None:
+    """Why the kernels' ops cannot run under the torch.func transforms now active, or
+    ``None``: torch differentiates a custom op with tensor-list inputs through an
+    autograd.Function without the setup_context torch.func needs, and the ops have no
+    forward-mode derivative; vmap of a call autograd does not see is fine (the ops' batching
+    rules)."""
+    transforms = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if transforms <= {TransformType.Vmap} and not requires_grad:
+        return None
+    return (
+        "under torch.func's grad, jacrev, jvp (or vmap of a call that autograd records) "
+        "its ops cannot be differentiated; the reference can"
+    )
 
 
 def _flat(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:

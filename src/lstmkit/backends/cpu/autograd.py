@@ -2,7 +2,7 @@
 
 ``setup_context`` saves the inputs and what the training forward returned for backward;
 backward runs the C backward op. When autograd is asked to build a graph of the gradient
-(``create_graph=True``; torch.func.grad always asks), the C backward, which computes first
+(``create_graph=True``), the C backward, which computes first
 derivatives only, would give a gradient that cannot be differentiated again, so the
 gradient is instead that of :mod:`lstmkit.reference`, recomputed from the saved inputs:
 the same values, and differentiable any number of times. :func:`lstmkit.backends.last_choice`
@@ -22,7 +22,7 @@ from lstmkit.reference import LayerWeights
 
 GRAPH_OF_GRADIENT = (
     "its C backward computes first derivatives only, and a graph of the gradient was asked "
-    "for (create_graph=True or torch.func): the gradient is the reference's, recomputed"
+    "for (create_graph=True): the gradient is the reference's, recomputed"
 )
 NOT_TRAINED = (
     "lstmkit's cpu backend: this {what} ran without keeping what backward needs (it was "

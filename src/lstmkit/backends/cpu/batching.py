@@ -3,8 +3,9 @@
 Inference over a vmapped batch of independent inputs (only x, h0 and c0 vmapped, no lengths
 and no masks) folds the vmapped dimension into N: one kernel call on V*N sequences, whose
 results unfold back to (..., V, N, ...). Everything else (training, vmapped weights, lengths,
-whose sort order folding would break, per-sequence masks, the backward ops) runs the op once
-per vmapped entry and stacks the results.
+whose sort order folding would break, per-sequence masks) runs the op once per vmapped entry
+and stacks the results. (vmap of a call that autograd records runs the reference, see
+``CpuBackend.unavailable_reason``.)
 """
 
 from __future__ import annotations

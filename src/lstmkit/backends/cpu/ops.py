@@ -15,10 +15,11 @@ Fake implementations compute every shape from L, N and the weights' shapes: the 
 for backward is sized for L*N rows whatever the lengths (:func:`.function.saved_elems`).
 Building and loading the library happen inside the implementations (or, for a fake, the size
 query), never in traced code. Autograd is registered with ``register_autograd`` and
-``setup_context`` (so torch.func works); a backward asked to build a graph of the gradient
-(``create_graph=True``, and every torch.func.grad) differentiates the reference recurrence
-instead, recomputed from the saved inputs, so that higher derivatives are right. vmap folds the
-vmapped dimension into N for inference and loops over it otherwise.
+``setup_context``; a backward asked to build a graph of the gradient (``create_graph=True``)
+differentiates the reference recurrence instead, recomputed from the saved inputs, so that
+higher derivatives are right. vmap folds the vmapped dimension into N for inference and loops
+over it otherwise. torch.func's differentiating transforms cannot reach these ops (the
+backend says why, in ``CpuBackend.unavailable_reason``): they run the reference.
 
 The dispatcher's way into Python costs tens of microseconds per op on a small machine, more
 than a whole small inference call, so an eager call that nothing transforms, traces or
@@ -260,7 +261,3 @@ torch.library.register_autograd(
 )
 torch.library.register_vmap("lstmkit::layer", batching.layer_rule(torch.ops.lstmkit.layer))
 torch.library.register_vmap("lstmkit::stack", batching.stack_rule(torch.ops.lstmkit.stack))
-for _name in ("layer_backward", "stack_backward"):
-    torch.library.register_vmap(
-        f"lstmkit::{_name}", batching.loop(getattr(torch.ops.lstmkit, _name))
-    )
