@@ -19,7 +19,7 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from lstmkit.backends import Backend, Request
-from lstmkit.backends.cpu import build, function, library, ops, stack
+from lstmkit.backends.cpu import build, function, library, ops, route, stack
 from lstmkit.backends.cpu.variants import variant_lists
 from lstmkit.reference import LayerWeights, Variant
 
@@ -74,16 +74,21 @@ class CpuBackend(Backend):
         cell_sequence: bool = False,
         variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
-        params = _flat([w for layer in weights for w in layer], x)
+        params = [w for layer in weights for w in layer]
         variant_params, masks, keep = [], [], []
         if variants is not None:
             variant_params, masks, keep = variant_lists(variants, x)
-        training = _needs_grad((x, h0, c0, *params, *variant_params))
-        args = (x, h0, c0, params, _lengths(lengths), variant_params, masks, keep)
-        if ops.direct(x, training):
-            out, h_n, c_n, cells, _ = function.forward(*args, cell_sequence, training)
+        training = torch.is_grad_enabled() and _needs_grad((x, h0, c0, *params, *variant_params))
+        lengths = _lengths(lengths)
+        if route.direct(x, training):
+            out, h_n, c_n, cells, _ = function.forward(
+                x, h0, c0, params, lengths, variant_params, masks, keep, cell_sequence, False
+            )
         else:
-            out, h_n, c_n, cells, _ = ops.layer(*args, cell_sequence, training)
+            out, h_n, c_n, cells, _ = ops.layer(
+                x, h0, c0, _present(params, x), lengths, variant_params, masks, keep,
+                cell_sequence, training,
+            )  # fmt: skip
         return (out, h_n, c_n, cells) if cell_sequence else (out, h_n, c_n)
 
     def run_stack(
@@ -94,13 +99,15 @@ class CpuBackend(Backend):
         weights: list[list[LayerWeights]],
         lengths: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        params = _flat([w for ws in weights for d in ws for w in d], x)
-        training = _needs_grad((x, h0, c0, *params))
-        args = (x, h0, c0, params, _lengths(lengths), len(weights[0]), training)
-        if ops.direct(x, training):
-            out, h_n, c_n, _ = stack.forward(*args)
+        params = [w for ws in weights for d in ws for w in d]
+        training = torch.is_grad_enabled() and _needs_grad((x, h0, c0, *params))
+        lengths, directions = _lengths(lengths), len(weights[0])
+        if route.direct(x, training):
+            out, h_n, c_n, _ = stack.forward(x, h0, c0, params, lengths, directions, False)
         else:
-            out, h_n, c_n, _ = ops.stack_op(*args)
+            out, h_n, c_n, _ = ops.stack_op(
+                x, h0, c0, _present(params, x), lengths, directions, training
+            )
         return out, h_n, c_n
 
 
@@ -119,8 +126,9 @@ def func_transform_reason(requires_grad: bool) -> str | None:
     )
 
 
-def _flat(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
-    """The op's tensor list: an absent weight (no bias, no projection) as an empty tensor."""
+def _present(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
+    """The ops' tensor list: an absent weight (no bias, no projection) as an empty tensor (the
+    implementations called directly take ``None`` as well)."""
     if all(t is not None for t in tensors):
         return tensors
     empty = like.new_empty(0)
@@ -131,9 +139,10 @@ def _lengths(lengths: Tensor | None) -> Tensor | None:
     return None if lengths is None else lengths.to(torch.int64).contiguous()
 
 
-def _needs_grad(tensors: tuple[Tensor, ...]) -> bool:
-    """Whether autograd will differentiate the call: then the forward keeps what backward needs."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+def _needs_grad(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether, with grad mode on, autograd will differentiate the call: then the forward
+    keeps what backward needs."""
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 BACKEND = CpuBackend()

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from lstmkit import backends, reference
+from lstmkit.backends.cpu import function, route, stack
 from lstmkit.backends.cpu.variants import to_variants
 from lstmkit.reference import LayerWeights
 
@@ -66,7 +67,8 @@ def backward_layer(
     else:
         if not ctx.training:
             raise RuntimeError(NOT_TRAINED.format(what="layer"))
-        computed = torch.ops.lstmkit.layer_backward(
+        run = function.backward if route.direct(x, False) else torch.ops.lstmkit.layer_backward
+        computed = run(
             x, h0, c0, params, lengths, variant_params, masks, ctx.keep,
             out, cells, saved, *incoming, needs,
         )  # fmt: skip
@@ -105,7 +107,8 @@ def backward_stack(
     else:
         if not ctx.training:
             raise RuntimeError(NOT_TRAINED.format(what="stack"))
-        computed = torch.ops.lstmkit.stack_backward(
+        run = stack.backward if route.direct(x, False) else torch.ops.lstmkit.stack_backward
+        computed = run(
             x, h0, c0, params, lengths, ctx.directions, out, kept, d_out, d_h_n, d_c_n, needs
         )
         grads = _spread(computed, needs)

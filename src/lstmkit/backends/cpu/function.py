@@ -21,21 +21,22 @@ from lstmkit.backends.cpu.library import GRADS, LAYER
 from lstmkit.backends.cpu.variants import pack_variant, pack_variant_grads, variant_probe
 
 NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
+Param = Tensor | None  # an absent one: None, or (in the ops' lists) an empty tensor
 
 
-def addresses(tensors: list[Tensor | None] | tuple[Tensor | None, ...]) -> list[int]:
+def addresses(tensors: list[Param] | tuple[Param, ...]) -> list[int]:
     return [0 if t is None else t.data_ptr() for t in tensors]
 
 
-def contiguous(tensors: list[Tensor]) -> list[Tensor]:
-    return [t.contiguous() for t in tensors]
+def contiguous(tensors: list[Param]) -> list[Param]:
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def layer_fields(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    params: list[Tensor],
+    params: list[Param],
     lengths: Tensor | None,
     out: Tensor,
     h_n: Tensor | None,
@@ -100,7 +101,7 @@ def forward(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    params: list[Tensor],
+    params: list[Param],
     lengths: Tensor | None,
     variant_params: list[Tensor],
     masks: list[Tensor],
@@ -148,9 +149,13 @@ def forward(
     return out, h_n, c_n, cells, saved
 
 
-def proj_key(params: list[Tensor]) -> tuple[bool, ...]:
+def proj_key(params: list[Param]) -> tuple[bool, ...]:
     """Per direction, whether it has a projection (w_hr, the fifth of its five tensors)."""
-    return tuple(params[d + 4].numel() > 0 for d in range(0, len(params), 5))
+    return tuple(_present(params[d + 4]) for d in range(0, len(params), 5))
+
+
+def _present(t: Param) -> bool:
+    return t is not None and t.numel() > 0
 
 
 def variant_key(
@@ -175,11 +180,14 @@ def backward(
     out: Tensor,
     cells: Tensor,
     saved: Tensor,
-    incoming: list[Tensor | None],
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+    d_cells: Tensor | None,
     needs: list[bool],
 ) -> list[Tensor]:
-    """The C backward from what :func:`forward` returned for training; ``incoming`` holds the
-    gradients of out, h_n, c_n and cells (``None``: zero). Returns the gradients of x, h0, c0,
+    """The C backward from what :func:`forward` returned for training, given the gradients
+    of out, h_n, c_n and cells (``None``: zero). Returns the gradients of x, h0, c0,
     every param and every variant param, in that order, for those ``needs`` marks."""
     kernels = library.load().kernels[x.dtype]
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
@@ -189,7 +197,7 @@ def backward(
     layer = LAYER.pack(*fields)
     inputs = [x, h0, c0, *params, *contiguous(variant_params)]
     wanted = [torch.empty_like(t) if need else None for t, need in zip(inputs, needs)]
-    incoming = [None if g is None else g.contiguous() for g in incoming]
+    incoming = [None if g is None else g.contiguous() for g in (d_out, d_h_n, d_c_n, d_cells)]
     directions = len(params) // 5
     single = directions == 1
     layer_grads = wanted[: 3 + 5 * directions]

@@ -23,7 +23,8 @@ backend says why, in ``CpuBackend.unavailable_reason``): they run the reference.
 
 The dispatcher's way into Python costs tens of microseconds per op on a small machine, more
 than a whole small inference call, so an eager call that nothing transforms, traces or
-differentiates calls the implementation directly (:func:`direct`).
+differentiates calls the implementation directly (:func:`.route.direct`), and so does an eager
+backward.
 """
 
 from __future__ import annotations
@@ -32,23 +33,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from lstmkit.backends.cpu import autograd, batching, function, stack
 
 Tensors = list[Tensor]
-
-
-def direct(x: Tensor, training: bool) -> bool:
-    """Whether a call may skip the op and run its implementation: plain eager inference, which
-    no compiler, exporter, tracer, torch.func transform or dispatch mode is watching."""
-    if torch.compiler.is_compiling() or training or torch.jit.is_tracing():
-        return False
-    return (
-        type(x) is Tensor
-        and not torch._C._are_functorch_transforms_active()
-        and _get_current_dispatch_mode() is None
-    )
 
 
 def check_lengths(lengths: Tensor | None, steps: int) -> None:
@@ -138,10 +126,10 @@ def layer_backward(
     d_cells: Tensor | None,
     needs: list[bool],
 ) -> Tensors:
-    incoming = [d_out, d_h_n, d_c_n, d_cells]
     return function.backward(
-        x, h0, c0, params, lengths, variant_params, masks, keep, out, cells, saved, incoming, needs
-    )
+        x, h0, c0, params, lengths, variant_params, masks, keep,
+        out, cells, saved, d_out, d_h_n, d_c_n, d_cells, needs,
+    )  # fmt: skip
 
 
 @layer_backward.register_fake

@@ -18,6 +18,7 @@ from torch import Tensor
 from lstmkit.backends.cpu import library
 from lstmkit.backends.cpu.function import (
     NO_DIRECTION,
+    Param,
     addresses,
     contiguous,
     layer_fields,
@@ -31,7 +32,7 @@ def forward(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
-    params: list[Tensor],
+    params: list[Param],
     lengths: Tensor | None,
     directions: int,
     training: bool,
