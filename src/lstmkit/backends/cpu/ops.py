@@ -29,7 +29,7 @@ backward.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -37,6 +37,36 @@ from torch import Tensor
 from lstmkit.backends.cpu import autograd, batching, function, stack
 
 Tensors = list[Tensor]
+
+
+_LIBRARY = torch.library.Library("lstmkit", "DEF")
+# The schemas, written out: a Library op (unlike torch.library.custom_op) costs no Python
+# wrapper between the dispatcher and its implementation.
+SCHEMAS = {
+    "layer": "layer(Tensor x, Tensor h0, Tensor c0, Tensor[] params, Tensor? lengths, "
+    "Tensor[] variant_params, Tensor[] masks, float[] keep, bool cell_sequence, bool training) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    "layer_backward": "layer_backward(Tensor x, Tensor h0, Tensor c0, Tensor[] params, "
+    "Tensor? lengths, Tensor[] variant_params, Tensor[] masks, float[] keep, Tensor out, "
+    "Tensor cells, Tensor saved, Tensor? d_out, Tensor? d_h_n, Tensor? d_c_n, Tensor? d_cells, "
+    "bool[] needs) -> Tensor[]",
+    "stack": "stack(Tensor x, Tensor h0, Tensor c0, Tensor[] params, Tensor? lengths, "
+    "int directions, bool training) -> (Tensor, Tensor, Tensor, Tensor[])",
+    "stack_backward": "stack_backward(Tensor x, Tensor h0, Tensor c0, Tensor[] params, "
+    "Tensor? lengths, int directions, Tensor out, Tensor[] kept, Tensor? d_out, Tensor? d_h_n, "
+    "Tensor? d_c_n, bool[] needs) -> Tensor[]",
+}
+
+
+def _op(name: str) -> Callable:
+    """Define ``lstmkit::name`` with the decorated function as its CPU implementation."""
+
+    def define(implementation: Callable) -> torch._ops.OpOverload:
+        _LIBRARY.define(SCHEMAS[name])
+        _LIBRARY.impl(name, implementation, "CPU")
+        return getattr(torch.ops.lstmkit, name).default
+
+    return define
 
 
 def check_lengths(lengths: Tensor | None, steps: int) -> None:
@@ -54,7 +84,7 @@ def check_lengths(lengths: Tensor | None, steps: int) -> None:
         raise ValueError(f"the kernels need lengths in non-increasing order, got {lengths}")
 
 
-@torch.library.custom_op("lstmkit::layer", mutates_args=())
+@_op("layer")
 def layer(
     x: Tensor,
     h0: Tensor,
@@ -73,7 +103,7 @@ def layer(
     )
 
 
-@layer.register_fake
+@torch.library.register_fake("lstmkit::layer")
 def _(
     x: Tensor,
     h0: Tensor,
@@ -107,7 +137,7 @@ def _(
     )
 
 
-@torch.library.custom_op("lstmkit::layer_backward", mutates_args=())
+@_op("layer_backward")
 def layer_backward(
     x: Tensor,
     h0: Tensor,
@@ -132,7 +162,7 @@ def layer_backward(
     )  # fmt: skip
 
 
-@layer_backward.register_fake
+@torch.library.register_fake("lstmkit::layer_backward")
 def _(
     x: Tensor,
     h0: Tensor,
@@ -154,7 +184,7 @@ def _(
     return _like_needed([x, h0, c0, *params, *variant_params], needs)
 
 
-@torch.library.custom_op("lstmkit::stack", mutates_args=())
+@_op("stack")
 def stack_op(
     x: Tensor,
     h0: Tensor,
@@ -168,7 +198,7 @@ def stack_op(
     return stack.forward(x, h0, c0, params, lengths, directions, training)
 
 
-@stack_op.register_fake
+@torch.library.register_fake("lstmkit::stack")
 def _(
     x: Tensor,
     h0: Tensor,
@@ -199,7 +229,7 @@ def _(
     return out, new(h0.shape), new(c0.shape), kept
 
 
-@torch.library.custom_op("lstmkit::stack_backward", mutates_args=())
+@_op("stack_backward")
 def stack_backward(
     x: Tensor,
     h0: Tensor,
@@ -219,7 +249,7 @@ def stack_backward(
     )
 
 
-@stack_backward.register_fake
+@torch.library.register_fake("lstmkit::stack_backward")
 def _(
     x: Tensor,
     h0: Tensor,
