@@ -13,6 +13,7 @@ per-layer sequences (see ``Backend.run_stack``).
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lstmkit.backends.cpu import library
@@ -46,7 +47,7 @@ def forward(
     steps, batch, _ = x.shape
     per_layer = 5 * directions
     h_size, hidden = h0.shape[2], c0.shape[2]
-    h_n, c_n = h0.new_empty(h0.shape), c0.new_empty(c0.shape)
+    h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
     inputs: list[Tensor] = []
     cells: list[Tensor] = []
     saved: list[Tensor] = []
@@ -102,9 +103,9 @@ def backward(
         kept[2 * layers - 1 :],
     )
     outputs = [*inputs[1:], out.contiguous()]
-    d_h0 = h0.new_empty(h0.shape) if needs[1] else None
-    d_c0 = c0.new_empty(c0.shape) if needs[2] else None
-    d_params = [p.new_empty(p.shape) if need else None for p, need in zip(params, needs[3:])]
+    d_h0 = torch.empty_like(h0) if needs[1] else None
+    d_c0 = torch.empty_like(c0) if needs[2] else None
+    d_params = [torch.empty_like(p) if need else None for p, need in zip(params, needs[3:])]
     d_h_n = None if d_h_n is None else d_h_n.contiguous()
     d_c_n = None if d_c_n is None else d_c_n.contiguous()
     upstream = None if d_out is None else d_out.contiguous()
@@ -119,7 +120,7 @@ def backward(
             layer_input, h0, c0, weights, lengths, outputs[index], None, None, cells[index], row
         )
         fields[-1] = saved[index].data_ptr()
-        d_x = layer_input.new_empty(layer_input.shape) if index > 0 or needs[0] else None
+        d_x = torch.empty_like(layer_input) if index > 0 or needs[0] else None
         h_offset = row * batch * h0.shape[2] * item
         c_offset = row * batch * c0.shape[2] * item
         grads = GRADS.pack(
