@@ -282,12 +282,23 @@ def test_second_backward_with_retained_graph() -> None:
         assert torch.equal(a, b)
 
 
-def test_double_backward_raises_clearly() -> None:
-    x, h0, c0, weights = make_layer(LAYERS[0], torch.float64)
-    out, _, _ = BACKEND.run_layer(x, h0, c0, weights, None)
-    (grad_x,) = torch.autograd.grad(out.sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="first derivatives only"):
-        grad_x.sum().backward()
+def test_double_backward_is_the_reference_one() -> None:
+    """A graph of the gradient (create_graph=True) is the reference's, so differentiating it
+    again gives the reference's second derivatives; last_choice says which ran."""
+    x, h0, c0, weights = make_layer(LAYERS[4], torch.float64)
+    lengths = torch.tensor([5, 5, 4, 3, 3, 1, 1])
+
+    def second_derivatives(run: object) -> tuple[Tensor, ...]:
+        out, h_n, c_n = run(x, h0, c0, weights, lengths)
+        loss = out.square().sum() + h_n.sum() + c_n.square().sum()
+        grad_x, grad_w = torch.autograd.grad(loss, [x, weights[1].weight_hh], create_graph=True)
+        return torch.autograd.grad(grad_x.square().sum() + grad_w.sum(), [x, h0, *weights[0][:2]])
+
+    got = second_derivatives(BACKEND.run_layer)
+    assert backends.last_choice().backend == "reference"
+    assert "create_graph=True" in str(backends.last_choice())
+    for index, (a, b) in enumerate(zip(got, second_derivatives(reference.lstm_layer))):
+        assert_close(a, b, f"second derivative {index}", "grad")
 
 
 def test_approximations_are_accurate() -> None:
@@ -495,9 +506,12 @@ def test_plain_stacks_run_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(calls) == 6
 
 
-def test_stack_backward_twice_double_backward_and_in_place_edits() -> None:
+def test_stack_backward_twice_double_backward_and_in_place_edits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """The one autograd node of a stack: a retained graph gives the same gradients again,
-    differentiating its gradients raises, and editing its output in place is caught."""
+    its gradients differentiate again as the reference's do, and editing its output in place
+    is caught."""
     lstm = lstmkit.LSTM(3, 4, num_layers=2, bidirectional=True, dtype=torch.float64)
     x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     out, (h_n, c_n) = lstm(x)
@@ -506,9 +520,13 @@ def test_stack_backward_twice_double_backward_and_in_place_edits() -> None:
     second = torch.autograd.grad(loss, [x, lstm.weight_hh_l0])
     for a, b in zip(first, second):
         assert torch.equal(a, b)
-    (grad_x,) = torch.autograd.grad(lstm(x)[0].sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="first derivatives only"):
-        grad_x.sum().backward()
+    (grad_x,) = torch.autograd.grad(lstm(x)[0].square().sum(), x, create_graph=True)
+    (second,) = torch.autograd.grad(grad_x.square().sum(), x)
+    monkeypatch.setenv(backends.BACKEND_ENV, "reference")
+    (grad_x,) = torch.autograd.grad(lstm(x)[0].square().sum(), x, create_graph=True)
+    (expected,) = torch.autograd.grad(grad_x.square().sum(), x)
+    assert_close(second, expected, "second derivative", "grad")
+    monkeypatch.delenv(backends.BACKEND_ENV)
     out, _ = lstm(x)
     out.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):

@@ -47,3 +47,21 @@ def test_trace_runs_the_kernels_at_every_shape(
             (got_grad,) = torch.autograd.grad((out.sum() + c_n.sum()), x)
             (want_grad,) = torch.autograd.grad((want.sum() + want_c.sum()), x)
             assert_close(got_grad, want_grad, f"{config} {shape} d x", "grad")
+
+
+def test_trace_refuses_the_reference_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trace of the reference's Python loop would be unrolled to the traced length."""
+    monkeypatch.setenv(lstmkit.backends.BACKEND_ENV, "reference")
+    module = lstmkit.LSTM(4, 6)
+    with pytest.raises(RuntimeError, match="would unroll its Python time loop"):
+        traced(module, torch.randn(7, 2, 4), False)
+
+
+def test_script_refuses_naming_the_keyword_only_argument() -> None:
+    with (
+        warnings.catch_warnings(),
+        pytest.raises(torch.jit.frontend.NotSupportedError, match="keyword-only"),
+    ):
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch 2.13 deprecates jit.script
+        warnings.filterwarnings("ignore", "The TorchScript type system", UserWarning)
+        torch.jit.script(lstmkit.LSTM(4, 6))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import operator
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -196,6 +196,8 @@ def check_lengths(lengths: object, batched: bool, steps: int, batch: int, spec: 
         raise ValueError(
             f"lengths has shape {tuple(values.shape)}, expected {expected}: {what}" + hint(spec)
         )
+    if torch.compiler.is_compiling():
+        return values  # a traced graph cannot branch on values: the op checks them when it runs
     low, high = (int(values.min()), int(values.max())) if values.numel() else (0, 0)
     if low < 0 or high > steps:
         raise ValueError(
@@ -240,6 +242,11 @@ def check_parameters(
     tensor's identity, ``_version`` (in-place changes, ``resize_``) and address (``p.data =
     other`` changes neither of the others), and is checked again when any of them changes.
     """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # Traced once (the compiled graph guards on every parameter's shape, dtype and
+        # device), or tensors without storage (torch.func's wrappers): nothing to remember.
+        _check_parameters(weights, variants, spec, like)
+        return
     flat = [t for layer in weights for w in layer for t in w]
     if variants is not None:
         flat += [t for layer in variants for v in layer for t in v[:_VARIANT_PARAMETERS]]
@@ -287,7 +294,8 @@ def _check_parameters(
             f"got {len(weights)} layer(s) with {found} direction(s)" + hint(spec)
         )
     dtype, device = like.dtype, like.device
-    for layer, (layer_weights, shapes) in enumerate(zip(weights, _parameter_shapes(spec))):
+    shapes_of_layers = _traceable(_parameter_shapes)(spec)
+    for layer, (layer_weights, shapes) in enumerate(zip(weights, shapes_of_layers)):
         for direction, parameters in enumerate(layer_weights):
             for field, tensor, shape in zip(LayerWeights._fields, parameters, shapes):
                 if not _fits(tensor, shape, dtype, device):
@@ -296,9 +304,17 @@ def _check_parameters(
         return
     for layer, layer_variants in enumerate(variants):
         for direction, variant in enumerate(layer_variants):
-            for field, tensor, shape in zip(Variant._fields, variant, _variant_shapes(spec)):
+            for field, tensor, shape in zip(
+                Variant._fields, variant, _traceable(_variant_shapes)(spec)
+            ):
                 if not _fits(tensor, shape, dtype, device):
                     _refuse(f"{field}_l{layer}", direction, tensor, shape, like, spec)
+
+
+def _traceable(cached: Callable) -> Callable:
+    """The ``functools.cache`` function ``cached``, or under torch.compile the function it
+    wraps: dynamo traces through a cache anyway, and warns when it meets one."""
+    return cached.__wrapped__ if torch.compiler.is_compiling() else cached
 
 
 def _fits(

@@ -90,9 +90,11 @@ def lstm(
     order = restore = None
     if lengths is not None:
         lengths = checks.check_lengths(lengths, batched, steps, batch, spec)
-        if bool((lengths == steps).all()):
+        # A traced graph cannot branch on the values: it keeps the lengths and always sorts.
+        traced = torch.compiler.is_compiling()
+        if not traced and bool((lengths == steps).all()):
             lengths = None
-        elif bool((lengths[1:] > lengths[:-1]).any()):
+        elif traced or bool((lengths[1:] > lengths[:-1]).any()):
             lengths, order = torch.sort(lengths, descending=True, stable=True)
             restore = torch.argsort(order).to(x.device)
             order = order.to(x.device)

@@ -282,11 +282,22 @@ class LSTM(nn.Module):
                 for s in _chunks(suffixes, directions)
             ]
         lists = (weights, variants)
+        # Traced code (torch.compile, torch.export) reads the parameters anew each time it
+        # runs; it must not leave tensors of its own in the module.
+        if torch.compiler.is_compiling():
+            return lists
         if not torch.nn.utils.parametrize.is_parametrized(self) and all(
             name in self._parameters for names in self._all_weights for name in names
         ):
             self.__dict__["_cached_lists"] = (key, lists)
         return lists
+
+    def __getstate__(self) -> dict:
+        """The module's state for pickling and copying, without the cache of parameter lists
+        (rebuilt on the next call), so that a pickle holds only lstmkit's public classes."""
+        state = self.__dict__.copy()
+        state.pop("_cached_lists", None)
+        return state
 
     def _parameter(self, name: str) -> Tensor | None:
         """The parameter (or computed weight) called ``name``; ``None`` if the configuration

@@ -160,7 +160,26 @@ def _reason(backend: Backend, request: Request) -> str | None:
 
 
 def choose(request: Request) -> Backend:
-    """Pick the backend for ``request`` (see the module docstring) and remember why."""
+    """Pick the backend for ``request`` (see the module docstring) and remember why.
+
+    Under torch.compile and torch.export the choice (which may import, build and load a
+    backend) is made once, at trace time, outside the traced code: the compiled graph keeps
+    the backend chosen then.
+    """
+    if torch.compiler.is_compiling():
+        return _loaded[_choose_while_tracing(*(getattr(request, f) for f in _REQUEST_FIELDS))]
+    return _choose(request)
+
+
+_REQUEST_FIELDS = tuple(Request.__dataclass_fields__)
+
+
+@torch.compiler.assume_constant_result
+def _choose_while_tracing(*fields: object) -> str:
+    return _choose(Request(*fields)).name
+
+
+def _choose(request: Request) -> Backend:
     forced = forced_name()
     if forced:
         backend = get(forced)
@@ -182,6 +201,11 @@ def choose(request: Request) -> Backend:
         passed_over.append((name, reason))
     reasons = "; ".join(f"{n}: {r}" for n, r in passed_over)
     raise RuntimeError(f"no lstmkit backend can run this call ({reasons})")
+
+
+def note_choice(choice: Choice) -> None:
+    """Record a choice made after the forward call (a backward that ran another backend)."""
+    _last.choice = choice
 
 
 def last_choice() -> Choice | None:

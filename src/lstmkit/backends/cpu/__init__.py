@@ -5,22 +5,22 @@ A small C library with a plain C ABI, compiled with the machine's compiler on fi
 ``lstm.h``/``lstm.c`` (the ABI), ``real.h`` (per element type: vectors, tanh and sigmoid, GEMM),
 ``kernel.c`` (one plain layer; the design is in its header) and ``variant.c`` (one layer with
 step variants: layer norm, peepholes, zoneout, recurrent dropout, in any combination).
-Differentiated by autograd Functions whose backward is the C backward pass: one layer
-(:mod:`.function`), a whole plain stack (:mod:`.stack`), a layer with variants
-(:mod:`.variants`). float32 and float64; everything the reference covers: proj_size,
-bias=False, both directions, lengths, cell_sequence, training and inference.
+Reached through torch ops (:mod:`.ops`) whose autograd is the C backward pass: one layer
+(:mod:`.function`, with variants :mod:`.variants`), a whole plain stack (:mod:`.stack`).
+float32 and float64; everything the reference covers: proj_size, bias=False, both
+directions, lengths, cell_sequence, training and inference.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._C._functorch import TransformType
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from lstmkit.backends import Backend, Request
-from lstmkit.backends.cpu import build, library, machine
-from lstmkit.backends.cpu import variants as variants_module
-from lstmkit.backends.cpu.function import LayerFunction, run, through_function
-from lstmkit.backends.cpu.stack import StackFunction, run_stack
+from lstmkit.backends.cpu import build, function, library, machine, ops, route, stack
+from lstmkit.backends.cpu.variants import variant_lists
 from lstmkit.reference import LayerWeights, Variant
 
 DTYPES = (torch.float32, torch.float64)
@@ -60,6 +60,10 @@ class CpuBackend(Backend):
             return f"runs on CPU tensors only, not {request.device_type}"
         if request.dtype not in DTYPES:
             return f"supports float32 and float64 only, not {str(request.dtype).split('.')[-1]}"
+        if torch._C._are_functorch_transforms_active():
+            reason = func_transform_reason(request.requires_grad)
+            if reason is not None:
+                return reason
         return library.failure()
 
     def warmup(self) -> str:
@@ -79,20 +83,21 @@ class CpuBackend(Backend):
         cell_sequence: bool = False,
         variants: list[Variant] | None = None,
     ) -> tuple[Tensor, ...]:
-        kernels = library.load().kernels[x.dtype]
-        params = [None if w is None else w.contiguous() for layer in weights for w in layer]
-        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        if lengths is not None:
-            lengths = lengths.to(torch.int64).contiguous()
+        params = [w for layer in weights for w in layer]
+        variant_params, masks, keep = [], [], []
         if variants is not None:
-            return variants_module.run_layer(
-                kernels, x, h0, c0, params, lengths, cell_sequence, variants
+            variant_params, masks, keep = variant_lists(variants, x)
+        training = torch.is_grad_enabled() and _needs_grad((x, h0, c0, *params, *variant_params))
+        lengths = _lengths(lengths)
+        if route.direct(x, training):
+            out, h_n, c_n, cells, _ = function.forward(
+                x, h0, c0, params, lengths, variant_params, masks, keep, cell_sequence, False
             )
-        if through_function((x, h0, c0, *params)):
-            return LayerFunction.apply(kernels, lengths, cell_sequence, x, h0, c0, *params)
-        _, out, h_n, c_n, cells, _ = run(
-            kernels, x, h0, c0, params, lengths, cell_sequence, training=False
-        )
+        else:
+            out, h_n, c_n, cells, _ = ops.layer(
+                x, h0, c0, _present(params, x), lengths, variant_params, masks, keep,
+                cell_sequence, training,
+            )  # fmt: skip
         return (out, h_n, c_n, cells) if cell_sequence else (out, h_n, c_n)
 
     def run_stack(
@@ -103,15 +108,50 @@ class CpuBackend(Backend):
         weights: list[list[LayerWeights]],
         lengths: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        kernels = library.load().kernels[x.dtype]
-        params = [None if w is None else w.contiguous() for ws in weights for d in ws for w in d]
-        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-        directions = len(weights[0])
-        if lengths is not None:
-            lengths = lengths.to(torch.int64).contiguous()
-        if through_function((x, h0, c0, *params)):
-            return StackFunction.apply(kernels, lengths, directions, x, h0, c0, *params)
-        return run_stack(kernels, x, h0, c0, params, directions, lengths)
+        params = [w for ws in weights for d in ws for w in d]
+        training = torch.is_grad_enabled() and _needs_grad((x, h0, c0, *params))
+        lengths, directions = _lengths(lengths), len(weights[0])
+        if route.direct(x, training):
+            out, h_n, c_n, _ = stack.forward(x, h0, c0, params, lengths, directions, False)
+        else:
+            out, h_n, c_n, _ = ops.stack_op(
+                x, h0, c0, _present(params, x), lengths, directions, training
+            )
+        return out, h_n, c_n
+
+
+def func_transform_reason(requires_grad: bool) -> str | None:
+    """Why the kernels' ops cannot run under the torch.func transforms now active, or
+    ``None``: torch differentiates a custom op with tensor-list inputs through an
+    autograd.Function without the setup_context torch.func needs, and the ops have no
+    forward-mode derivative; vmap of a call autograd does not see is fine (the ops' batching
+    rules)."""
+    transforms = {i.key() for i in retrieve_all_functorch_interpreters()}
+    if transforms <= {TransformType.Vmap} and not requires_grad:
+        return None
+    return (
+        "under torch.func's grad, jacrev, jvp (or vmap of a call that autograd records) "
+        "its ops cannot be differentiated; the reference can"
+    )
+
+
+def _present(tensors: list[Tensor | None], like: Tensor) -> list[Tensor]:
+    """The ops' tensor list: an absent weight (no bias, no projection) as an empty tensor (the
+    implementations called directly take ``None`` as well)."""
+    if all(t is not None for t in tensors):
+        return tensors
+    empty = like.new_empty(0)
+    return [empty if t is None else t for t in tensors]
+
+
+def _lengths(lengths: Tensor | None) -> Tensor | None:
+    return None if lengths is None else lengths.to(torch.int64).contiguous()
+
+
+def _needs_grad(tensors: tuple[Tensor | None, ...]) -> bool:
+    """Whether, with grad mode on, autograd will differentiate the call: then the forward
+    keeps what backward needs."""
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 BACKEND = CpuBackend()

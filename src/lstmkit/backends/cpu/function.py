@@ -1,69 +1,35 @@
-"""One layer through the compiled kernels: directly for inference, as an autograd Function for
-training (gradients for x, h0, c0 and every weight; first derivatives only)."""
+"""One layer through the compiled kernels: the implementations behind the ``lstmkit::layer``
+and ``lstmkit::layer_backward`` ops (:mod:`.ops`), which pack the tensors' addresses into
+lk_layer and lk_grads (and lk_variant for step variants, :mod:`.variants`) for ctypes.
+
+An absent tensor (no bias, no projection, a variant that is off) is an empty tensor: its
+address is 0, which the kernels read as NULL. The buffer kept for backward (``saved``) is sized
+for every step of every sequence, the most any lengths need, so that its size follows from the
+shapes alone (the ops' fake implementations compute it too); with lengths the kernels use only
+its first rows.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
-from lstmkit.backends.cpu.library import GRADS, LAYER, Kernels
+from lstmkit.backends.cpu import library
+from lstmkit.backends.cpu.library import GRADS, LAYER
+from lstmkit.backends.cpu.variants import pack_variant, pack_variant_grads, variant_probe
 
-Param = Tensor | None
 NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
-
-
-def through_function(tensors: tuple[Param, ...]) -> bool:
-    """Whether a call must go through its autograd Function rather than straight to the
-    kernels: autograd will differentiate it, or ``torch.jit.trace`` is recording it. A trace
-    records a Function as one op that runs again on each call's tensors; a direct call hands
-    the kernels addresses the trace never sees, so the traced module would return the empty
-    tensors allocated for the results."""
-    if torch.jit.is_tracing():
-        return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+Param = Tensor | None  # an absent one: None, or (in the ops' lists) an empty tensor
 
 
 def addresses(tensors: list[Param] | tuple[Param, ...]) -> list[int]:
     return [0 if t is None else t.data_ptr() for t in tensors]
 
 
-def run(
-    kernels: Kernels,
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    params: list[Param],
-    lengths: Tensor | None,
-    cell_sequence: bool,
-    training: bool,
-    variant: bytes | None = None,
-) -> tuple[bytes, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
-    """The forward kernel on contiguous tensors; ``params`` is the flat LayerWeights of each
-    direction, ``variant`` the packed step variants (then variant.c runs, else kernel.c).
-    Returns the packed layer (for backward), out, h_n, c_n, the cells (with ``cell_sequence``
-    or ``training``, else None) and what backward needs (training, else None).
-    """
-    steps, batch, _ = x.shape
-    directions = len(params) // 5
-    h_size, hidden = h0.shape[2], c0.shape[2]
-    new = x.new_empty
-    out = new(steps, batch, directions * h_size)
-    h_n = new(directions, batch, h_size)
-    c_n = new(directions, batch, hidden)
-    cells = new(steps, batch, directions * hidden) if cell_sequence or training else None
-    fields = layer_fields(x, h0, c0, params, lengths, out, h_n, c_n, cells)
-    layer = LAYER.pack(*fields)
-    saved = None
-    if training:
-        if variant is None:
-            saved = new(kernels.saved_elems(layer))
-        else:
-            saved = new(kernels.variant_saved_elems(layer, variant))
-        fields[-1] = saved.data_ptr()
-        layer = LAYER.pack(*fields)
-    forward_layer(kernels, layer, variant)
-    return layer, out, h_n, c_n, cells, saved
+def contiguous(tensors: list[Param]) -> list[Param]:
+    return [None if t is None else t.contiguous() for t in tensors]
 
 
 def layer_fields(
@@ -73,13 +39,13 @@ def layer_fields(
     params: list[Param],
     lengths: Tensor | None,
     out: Tensor,
-    h_n: Tensor,
-    c_n: Tensor,
+    h_n: Tensor | None,
+    c_n: Tensor | None,
     cells: Tensor | None,
     first_row: int = 0,
 ) -> list[int]:
     """lk_layer's fields (without ``saved``: 0). The states are (rows, N, ·) tensors of which
-    this layer uses the D rows from ``first_row``."""
+    this layer uses the D rows from ``first_row``; backward reads no h_n and c_n (``None``)."""
     steps, batch, features = x.shape
     directions = len(params) // 5
     h_size, hidden = h0.shape[2], c0.shape[2]
@@ -100,107 +66,150 @@ def layer_fields(
         *addresses(params),
         *(NO_DIRECTION if directions == 1 else ()),
         out.data_ptr(),
-        h_n.data_ptr() + h_offset,
-        c_n.data_ptr() + c_offset,
+        0 if h_n is None else h_n.data_ptr() + h_offset,
+        0 if c_n is None else c_n.data_ptr() + c_offset,
         0 if cells is None else cells.data_ptr(),
         0,
     ]
 
 
-def forward_layer(kernels: Kernels, layer: bytes, variant: bytes | None = None) -> None:
-    """The forward kernel on a packed layer: kernel.c's, or variant.c's with ``variant``."""
-    status = kernels.forward(layer) if variant is None else kernels.variant_forward(layer, variant)
-    if status != 0:
-        raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
+@functools.cache
+def saved_elems(
+    dtype: torch.dtype,
+    hidden: int,
+    h_size: int,
+    proj: tuple[bool, ...],
+    variant: tuple[object, ...] | None = None,
+) -> int:
+    """Elements of the buffer one layer keeps for backward per row (step of one sequence),
+    from its shapes alone: the kernels' own count for one step of one sequence, which grows
+    linearly with the rows. ``proj``: per direction, whether it has a projection; ``variant``:
+    :func:`variant_key`."""
+    kernels = library.load().kernels[dtype]
+    weights: list[int] = []
+    for has_proj in proj:
+        weights += [0, 0, 0, 0, 1 if has_proj else 0]  # only w_hr's presence is read
+    weights += NO_DIRECTION if len(proj) == 1 else ()
+    # T B I H P D threads, lengths x h0 c0, weights, out h_n c_n cells saved
+    layer = LAYER.pack(1, 1, 1, hidden, h_size, len(proj), 1, 0, 0, 0, 0, *weights, 0, 0, 0, 0, 0)
+    if variant is None:
+        return kernels.saved_elems(layer)
+    return kernels.variant_saved_elems(layer, variant_probe(variant))
 
 
-class LayerFunction(torch.autograd.Function):
-    """``apply(kernels, lengths, cell_sequence, x, h0, c0, *params)`` -> out, h_n, c_n[, cells].
-
-    Inputs must be contiguous; ``params`` is each direction's LayerWeights, flattened.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        kernels: Kernels,
-        lengths: Tensor | None,
-        cell_sequence: bool,
-        x: Tensor,
-        h0: Tensor,
-        c0: Tensor,
-        *params: Param,
-    ) -> tuple[Tensor, ...]:
-        layer, out, h_n, c_n, cells, saved = run(
-            kernels, x, h0, c0, list(params), lengths, cell_sequence, training=True
-        )
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, out, cells, *params)
-        # The packed layer holds addresses of these tensors; ctx keeps them alive.
-        ctx.kernels, ctx.layer, ctx.lengths, ctx.saved = kernels, layer, lengths, saved
-        if cell_sequence:
-            return out, h_n, c_n, cells
-        return out, h_n, c_n
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, h0, c0, _, _, *params = ctx.saved_tensors  # checks nothing was modified in place
-        with torch.no_grad():
-            result = _backward(ctx, x, h0, c0, params, grads)
-        return None, None, None, *first_derivatives_only(result, (x, h0, c0, *params))
-
-
-DOUBLE_BACKWARD = (
-    "lstmkit's cpu backend computes first derivatives only: its gradients cannot be "
-    "differentiated again (double backward through create_graph=True). Run with "
-    "LSTMKIT_BACKEND=reference for higher derivatives."
-)
-
-
-def first_derivatives_only(
-    result: tuple[Tensor | None, ...], inputs: tuple[Param, ...]
-) -> tuple[Tensor | None, ...]:
-    """The gradients ``result`` of ``inputs``; under create_graph=True, wrapped so that
-    differentiating them raises DOUBLE_BACKWARD instead of silently giving zeros."""
-    anchor = next((t for t in inputs if t is not None and t.requires_grad), None)
-    if not torch.is_grad_enabled() or anchor is None:
-        return result
-    computed = iter(_FirstDerivativesOnly.apply(anchor, *(r for r in result if r is not None)))
-    return tuple(None if r is None else next(computed) for r in result)
-
-
-class _FirstDerivativesOnly(torch.autograd.Function):
-    """Hands the gradients on unchanged; differentiating them raises DOUBLE_BACKWARD."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, anchor: Tensor, *grads: Tensor) -> tuple[Tensor, ...]:
-        return tuple(g.view_as(g) for g in grads)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, *grads: Tensor) -> tuple[Tensor | None, ...]:
-        raise RuntimeError(DOUBLE_BACKWARD)
-
-
-def _backward(
-    ctx: FunctionCtx,
+def forward(
     x: Tensor,
     h0: Tensor,
     c0: Tensor,
     params: list[Param],
-    grads: tuple[Tensor | None, ...],
-) -> tuple[Tensor | None, ...]:
-    """The C backward: gradients of x, h0, c0 and every param (None where not needed)."""
-    wanted = [
-        torch.empty_like(t) if t is not None and need else None
-        for t, need in zip((x, h0, c0, *params), ctx.needs_input_grad[3:])
-    ]
-    incoming = [None if g is None else g.contiguous() for g in grads]
-    incoming += [None] * (4 - len(incoming))  # no cell_sequence: no gradient of cells
-    packed = GRADS.pack(
-        *addresses(incoming),
-        *addresses(wanted),
-        *(NO_DIRECTION if len(params) == 5 else ()),
+    lengths: Tensor | None,
+    variant_params: list[Tensor],
+    masks: list[Tensor],
+    keep: list[float],
+    cell_sequence: bool,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel: kernel.c's, or variant.c's when ``variant_params`` is given (each
+    direction's variant parameters, see :mod:`.variants`, with ``masks`` and ``keep``).
+
+    Returns out, h_n, c_n, the cells (with ``cell_sequence`` or ``training``, else empty) and
+    the buffer backward needs (``training``, else empty).
+    """
+    kernels = library.load().kernels[x.dtype]
+    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+    params = contiguous(params)
+    steps, batch, _ = x.shape
+    directions = len(params) // 5
+    h_size, hidden = h0.shape[2], c0.shape[2]
+    new = x.new_empty
+    out = new(steps, batch, directions * h_size)
+    h_n = new(directions, batch, h_size)
+    c_n = new(directions, batch, hidden)
+    keep_cells = cell_sequence or training
+    cells = new(steps, batch, directions * hidden) if keep_cells else new(0)
+    fields = layer_fields(x, h0, c0, params, lengths, out, h_n, c_n, cells if keep_cells else None)
+    variant = None
+    if variant_params:
+        variant_params, masks = contiguous(variant_params), contiguous(masks)
+        variant = pack_variant(variant_params, masks, keep)
+    saved = new(0)
+    if training:
+        key = variant_key(variant_params, masks, keep)
+        rows = steps * batch * saved_elems(x.dtype, hidden, h_size, proj_key(params), key)
+        # Zeros where the kernels write nothing (rows no sequence reaches; some of the variant
+        # kernels' buffers), so that every call returns the same.
+        saved = x.new_zeros(rows) if variant is not None else new(rows)
+        fields[-1] = saved.data_ptr()
+    layer = LAYER.pack(*fields)
+    if training and lengths is not None and variant is None:
+        saved[kernels.saved_elems(layer) :].zero_()
+    status = kernels.forward(layer) if variant is None else kernels.variant_forward(layer, variant)
+    if status != 0:
+        raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
+    return out, h_n, c_n, cells, saved
+
+
+def proj_key(params: list[Param]) -> tuple[bool, ...]:
+    """Per direction, whether it has a projection (w_hr, the fifth of its five tensors)."""
+    return tuple(_present(params[d + 4]) for d in range(0, len(params), 5))
+
+
+def _present(t: Param) -> bool:
+    return t is not None and t.numel() > 0
+
+
+def variant_key(
+    variant_params: list[Tensor], masks: list[Tensor], keep: list[float]
+) -> tuple[object, ...] | None:
+    """What of the variants shapes the saved buffer: which tensors are present, and keep."""
+    if not variant_params:
+        return None
+    present = tuple(t.numel() > 0 for t in (*variant_params, *masks))
+    return (*present, *keep)
+
+
+def backward(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    params: list[Tensor],
+    lengths: Tensor | None,
+    variant_params: list[Tensor],
+    masks: list[Tensor],
+    keep: list[float],
+    out: Tensor,
+    cells: Tensor,
+    saved: Tensor,
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+    d_cells: Tensor | None,
+    needs: list[bool],
+) -> list[Tensor]:
+    """The C backward from what :func:`forward` returned for training, given the gradients
+    of out, h_n, c_n and cells (``None``: zero). Returns the gradients of x, h0, c0,
+    every param and every variant param, in that order, for those ``needs`` marks."""
+    kernels = library.load().kernels[x.dtype]
+    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+    params = contiguous(params)
+    fields = layer_fields(x, h0, c0, params, lengths, out.contiguous(), None, None, cells)
+    fields[-1] = saved.data_ptr()
+    layer = LAYER.pack(*fields)
+    inputs = [x, h0, c0, *params, *contiguous(variant_params)]
+    wanted = [torch.empty_like(t) if need else None for t, need in zip(inputs, needs)]
+    incoming = [None if g is None else g.contiguous() for g in (d_out, d_h_n, d_c_n, d_cells)]
+    directions = len(params) // 5
+    single = directions == 1
+    layer_grads = wanted[: 3 + 5 * directions]
+    grads = GRADS.pack(
+        *addresses(incoming), *addresses(layer_grads), *(NO_DIRECTION if single else ())
     )
-    if ctx.kernels.backward(ctx.layer, packed) != 0:
+    if variant_params:
+        variant = pack_variant(contiguous(variant_params), contiguous(masks), keep)
+        variant_grads = pack_variant_grads(wanted[3 + 5 * directions :])
+        status = kernels.variant_backward(layer, variant, grads, variant_grads)
+    else:
+        status = kernels.backward(layer, grads)
+    if status != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
-    return tuple(wanted)
+    return [g for g in wanted if g is not None]

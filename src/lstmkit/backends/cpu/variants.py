@@ -1,23 +1,18 @@
-"""One layer with step variants (layer norm, peepholes, zoneout, recurrent dropout) through the
-compiled variant kernels (variant.c): directly for inference, as an autograd Function for
-training (gradients for x, h0, c0, every weight and every variant parameter; the masks are
-inputs without gradient; first derivatives only)."""
+"""Step variants (layer norm, peepholes, zoneout, recurrent dropout) for the variant kernels
+(variant.c): each direction's :class:`lstmkit.reference.Variant` as the three lists the
+``lstmkit::layer`` op takes, and their packing into lk_variant and lk_variant_grads.
+
+Lists, per direction in turn: ``variant_params`` the differentiable fields (PARAMS),
+``masks`` recurrent_mask, zoneout_cell and zoneout_hidden when they are 0/1 masks, ``keep`` the
+two zoneout probabilities when they are numbers (evaluation). An absent tensor is an empty one
+(address 0, NULL to the kernels).
+"""
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
-from torch.autograd.function import FunctionCtx
 
-from lstmkit.backends.cpu.function import (
-    NO_DIRECTION,
-    Param,
-    addresses,
-    first_derivatives_only,
-    run,
-    through_function,
-)
-from lstmkit.backends.cpu.library import GRADS, VARIANT, VARIANT_GRADS, Kernels
+from lstmkit.backends.cpu.library import VARIANT, VARIANT_GRADS
 from lstmkit.reference import Variant
 
 # The differentiable fields of Variant, in its (and lk_variant's) order.
@@ -30,131 +25,82 @@ PARAMS = (
     "ln_bias_c",
     "weight_peephole",
 )
+MASKS = 3  # recurrent_mask, zoneout_cell, zoneout_hidden
 _NO_VARIANT_DIRECTION = (0,) * 10 + (0.0, 0.0)
 
 
-class Noise:
-    """One layer's masks and zoneout probabilities, contiguous, in the dtype of x, with their
-    packing for lk_variant; it keeps the masks alive while the C code holds their addresses."""
+def variant_lists(
+    variants: list[Variant], like: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[float]]:
+    """``variant_params``, ``masks`` (in the dtype of ``like``) and ``keep`` of each direction."""
+    empty = like.new_empty(0)
+    params: list[Tensor] = []
+    masks: list[Tensor] = []
+    keep: list[float] = []
+    for variant in variants:
+        params += [empty if t is None else t for t in (getattr(variant, n) for n in PARAMS)]
+        for mask in (variant.recurrent_mask, variant.zoneout_cell, variant.zoneout_hidden):
+            masks.append(mask.to(like.dtype) if isinstance(mask, Tensor) else empty)
+        for z in (variant.zoneout_cell, variant.zoneout_hidden):
+            keep.append(0.0 if isinstance(z, Tensor) else float(z))
+    return params, masks, keep
 
-    def __init__(self, variants: list[Variant], like: Tensor) -> None:
-        self.masks: list[tuple[Tensor | None, Tensor | None, Tensor | None]] = []
-        self.keep: list[tuple[float, float]] = []
-        for variant in variants:
-            zoneout = [variant.zoneout_cell, variant.zoneout_hidden]
-            self.masks.append(
-                (
-                    _contiguous(variant.recurrent_mask, like),
-                    *(_contiguous(z, like) if isinstance(z, Tensor) else None for z in zoneout),
-                )
+
+def to_variants(params: list[Tensor], masks: list[Tensor], keep: list[float]) -> list[Variant]:
+    """The inverse of :func:`variant_lists`: each direction's Variant (for the reference)."""
+    variants = []
+    for d in range(len(keep) // 2):
+        fields = [_present(t) for t in params[d * len(PARAMS) : (d + 1) * len(PARAMS)]]
+        mask, zoneout_cell, zoneout_hidden = masks[d * MASKS : (d + 1) * MASKS]
+        variants.append(
+            Variant(
+                *fields,
+                recurrent_mask=_present(mask),
+                zoneout_cell=zoneout_cell if zoneout_cell.numel() else keep[2 * d],
+                zoneout_hidden=zoneout_hidden if zoneout_hidden.numel() else keep[2 * d + 1],
             )
-            self.keep.append(tuple(0.0 if isinstance(z, Tensor) else float(z) for z in zoneout))
-
-    def pack(self, params: list[Param]) -> bytes:
-        """lk_variant for every direction; ``params`` is each direction's PARAMS, flattened."""
-        fields: list[int | float] = []
-        for d, (masks, keep) in enumerate(zip(self.masks, self.keep)):
-            fields += addresses(params[d * len(PARAMS) : (d + 1) * len(PARAMS)])
-            fields += [*addresses(masks), *keep]
-        if len(self.masks) == 1:
-            fields += _NO_VARIANT_DIRECTION
-        return VARIANT.pack(*fields)
-
-
-def _contiguous(mask: Tensor | None, like: Tensor) -> Tensor | None:
-    return None if mask is None else mask.to(like.dtype).contiguous()
-
-
-def run_layer(
-    kernels: Kernels,
-    x: Tensor,
-    h0: Tensor,
-    c0: Tensor,
-    params: list[Param],
-    lengths: Tensor | None,
-    cell_sequence: bool,
-    variants: list[Variant],
-) -> tuple[Tensor, ...]:
-    """The layer with its variants, on contiguous x, h0, c0 and ``params`` (each direction's
-    LayerWeights, flattened); differentiable where anything requires grad."""
-    noise = Noise(variants, x)
-    extras = [_param(getattr(v, name)) for v in variants for name in PARAMS]
-    if through_function((x, h0, c0, *params, *extras)):
-        return VariantLayerFunction.apply(
-            kernels, lengths, cell_sequence, noise, x, h0, c0, *params, *extras
         )
-    variant = noise.pack(extras)
-    _, out, h_n, c_n, cells, _ = run(
-        kernels, x, h0, c0, params, lengths, cell_sequence, training=False, variant=variant
-    )
-    return (out, h_n, c_n, cells) if cell_sequence else (out, h_n, c_n)
+    return variants
 
 
-def _param(tensor: Tensor | None) -> Tensor | None:
-    return None if tensor is None else tensor.contiguous()
+def _present(t: Tensor) -> Tensor | None:
+    return t if t.numel() else None
 
 
-class VariantLayerFunction(torch.autograd.Function):
-    """``apply(kernels, lengths, cell_sequence, noise, x, h0, c0, *params, *extras)`` -> out,
-    h_n, c_n[, cells]: ``params`` each direction's LayerWeights, ``extras`` each direction's
-    variant parameters (PARAMS), both flattened; every tensor contiguous."""
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        kernels: Kernels,
-        lengths: Tensor | None,
-        cell_sequence: bool,
-        noise: Noise,
-        x: Tensor,
-        h0: Tensor,
-        c0: Tensor,
-        *tensors: Param,
-    ) -> tuple[Tensor, ...]:
-        directions = len(noise.masks)
-        params, extras = list(tensors[: 5 * directions]), list(tensors[5 * directions :])
-        variant = noise.pack(extras)
-        layer, out, h_n, c_n, cells, saved = run(
-            kernels, x, h0, c0, params, lengths, cell_sequence, training=True, variant=variant
-        )
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(x, h0, c0, out, cells, *tensors)
-        # The packed layer and variant hold addresses of these; ctx keeps them alive.
-        ctx.kernels, ctx.layer, ctx.variant = kernels, layer, variant
-        ctx.lengths, ctx.saved, ctx.noise = lengths, saved, noise
-        if cell_sequence:
-            return out, h_n, c_n, cells
-        return out, h_n, c_n
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        x, h0, c0, _, _, *tensors = ctx.saved_tensors  # checks nothing was modified in place
-        inputs = (x, h0, c0, *tensors)
-        with torch.no_grad():
-            result = _backward(ctx, inputs, grads)
-        return None, None, None, None, *first_derivatives_only(result, inputs)
+def pack_variant(params: list[Tensor], masks: list[Tensor], keep: list[float]) -> bytes:
+    """lk_variant for every direction, from contiguous tensors."""
+    fields: list[int | float] = []
+    for d in range(len(keep) // 2):
+        fields += [t.data_ptr() for t in params[d * len(PARAMS) : (d + 1) * len(PARAMS)]]
+        fields += [t.data_ptr() for t in masks[d * MASKS : (d + 1) * MASKS]]
+        fields += keep[2 * d : 2 * d + 2]
+    if len(keep) == 2:
+        fields += _NO_VARIANT_DIRECTION
+    return VARIANT.pack(*fields)
 
 
-def _backward(
-    ctx: FunctionCtx, inputs: tuple[Param, ...], grads: tuple[Tensor | None, ...]
-) -> tuple[Tensor | None, ...]:
-    """The C backward: gradients of x, h0, c0, every weight and every variant parameter (None
-    where not needed)."""
-    wanted = [
-        torch.empty_like(t) if t is not None and need else None
-        for t, need in zip(inputs, ctx.needs_input_grad[4:])
-    ]
-    directions = len(ctx.noise.masks)
-    layer_grads, variant_grads = wanted[: 3 + 5 * directions], wanted[3 + 5 * directions :]
-    incoming = [None if g is None else g.contiguous() for g in grads]
-    incoming += [None] * (4 - len(incoming))  # no cell_sequence: no gradient of cells
-    single = directions == 1
-    packed = GRADS.pack(
-        *addresses(incoming), *addresses(layer_grads), *(NO_DIRECTION if single else ())
-    )
-    packed_variant = VARIANT_GRADS.pack(
-        *addresses(variant_grads), *((0,) * len(PARAMS) if single else ())
-    )
-    if ctx.kernels.variant_backward(ctx.layer, ctx.variant, packed, packed_variant) != 0:
-        raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
-    return tuple(wanted)
+def variant_probe(key: tuple[object, ...]) -> bytes:
+    """lk_variant with a non-NULL dummy address for each present tensor, for asking the
+    kernels a size (they read which tensors are present, never their data). ``key``: the
+    presence of every param, then of every mask, then ``keep`` (see function.variant_key)."""
+    directions = len(key) // (len(PARAMS) + MASKS + 2)
+    present = key[: directions * (len(PARAMS) + MASKS)]
+    keep = key[directions * (len(PARAMS) + MASKS) :]
+    params = [int(p) for p in present[: directions * len(PARAMS)]]
+    masks = [int(m) for m in present[directions * len(PARAMS) :]]
+    fields: list[int | float] = []
+    for d in range(directions):
+        fields += params[d * len(PARAMS) : (d + 1) * len(PARAMS)]
+        fields += masks[d * MASKS : (d + 1) * MASKS]
+        fields += [float(k) for k in keep[2 * d : 2 * d + 2]]
+    if directions == 1:
+        fields += _NO_VARIANT_DIRECTION
+    return VARIANT.pack(*fields)
+
+
+def pack_variant_grads(grads: list[Tensor | None]) -> bytes:
+    """lk_variant_grads: the addresses of the variant parameters' gradients (0: not wanted)."""
+    fields = [0 if g is None else g.data_ptr() for g in grads]
+    if len(fields) == len(PARAMS):
+        fields += [0] * len(PARAMS)
+    return VARIANT_GRADS.pack(*fields)

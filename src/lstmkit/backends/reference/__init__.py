@@ -1,7 +1,9 @@
-"""The reference backend: :mod:`lstmkit.reference`, differentiated by autograd."""
+"""The reference backend: :mod:`lstmkit.reference`, differentiated by autograd; it refuses
+to be traced by torch.jit.trace, which would unroll its time loop."""
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from lstmkit import reference
@@ -15,6 +17,12 @@ class ReferenceBackend(Backend):
     variants = frozenset({"layer_norm", "peepholes", "zoneout", "recurrent_dropout"})
 
     def unavailable_reason(self, request: Request) -> str | None:
+        if torch.jit.is_tracing():
+            return (
+                "torch.jit.trace would unroll its Python time loop to the traced length, and "
+                "the trace would then be wrong at any other length (use the cpu backend, "
+                "torch.compile or torch.export)"
+            )
         return None
 
     def run_layer(
