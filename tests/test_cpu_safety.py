@@ -38,7 +38,7 @@ GUARDED_RUN = textwrap.dedent(
     import ctypes, mmap, sys
     import torch
     from lstmkit.backends.cpu import library
-    from lstmkit.backends.cpu.function import forward_layer, layer_fields
+    from lstmkit.backends.cpu.function import layer_fields
     from lstmkit.backends.cpu.library import LAYER
 
     libc = ctypes.CDLL(None)
@@ -79,7 +79,7 @@ GUARDED_RUN = textwrap.dedent(
         cells = guarded(torch.empty(T, B, D * H, dtype=dtype))
         kernels = library.load().kernels[dtype]
         fields = layer_fields(x, h0, c0, params, None, out, h_n, c_n, cells)
-        forward_layer(kernels, LAYER.pack(*fields))
+        assert kernels.forward(LAYER.pack(*fields)) == 0
         with torch.no_grad():
             expected, (eh, ec) = m(x.clone(), (h0.clone(), c0.clone()))
         torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)

@@ -19,7 +19,7 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from lstmkit.backends import Backend, Request
-from lstmkit.backends.cpu import build, function, library, machine, ops, route, stack
+from lstmkit.backends.cpu import autograd, build, function, library, machine, ops, route, stack
 from lstmkit.backends.cpu.variants import variant_lists
 from lstmkit.reference import LayerWeights, Variant
 
@@ -113,6 +113,8 @@ class CpuBackend(Backend):
         lengths, directions = _lengths(lengths), len(weights[0])
         if route.direct(x, training):
             out, h_n, c_n, _ = stack.forward(x, h0, c0, params, lengths, directions, False)
+        elif training and route.direct(x, False):
+            out, h_n, c_n = autograd.EagerStack.apply(x, h0, c0, lengths, directions, *params)
         else:
             out, h_n, c_n, _ = ops.stack_op(
                 x, h0, c0, _present(params, x), lengths, directions, training

@@ -96,23 +96,64 @@ def backward_stack(
     d_c_n: Tensor | None,
     d_kept: Grads,
 ) -> tuple:
+    needs_in = ctx.needs_input_grad
+    grads = stack_grads(ctx, [*needs_in[:3], *needs_in[3]], d_out, d_h_n, d_c_n)
+    return (*grads[:3], grads[3:], None, None, None)
+
+
+def stack_grads(
+    ctx: object,
+    needs: list[bool],
+    d_out: Tensor | None,
+    d_h_n: Tensor | None,
+    d_c_n: Tensor | None,
+) -> Grads:
+    """The gradients of x, h0, c0 and every parameter (``None`` where ``needs`` is false)
+    from what :func:`setup_stack` saved: the C backward, or the reference's as a graph."""
     x, h0, c0, lengths, out, *rest = ctx.saved_tensors
     params, kept = rest[: ctx.n_params], rest[ctx.n_params :]
-    needs_in = ctx.needs_input_grad
-    needs = [*needs_in[:3], *needs_in[3]]
     if torch.is_grad_enabled():
         with torch.enable_grad():
             outputs = reference_stack(x, h0, c0, params, lengths, ctx.directions)
-        grads = _reference_grads(outputs, [d_out, d_h_n, d_c_n], [x, h0, c0, *params], needs)
-    else:
-        if not ctx.training:
-            raise RuntimeError(NOT_TRAINED.format(what="stack"))
-        run = stack.backward if route.direct(x, False) else torch.ops.lstmkit.stack_backward
-        computed = run(
-            x, h0, c0, params, lengths, ctx.directions, out, kept, d_out, d_h_n, d_c_n, needs
-        )
-        grads = _spread(computed, needs)
-    return (*grads[:3], grads[3:], None, None, None)
+        return _reference_grads(outputs, [d_out, d_h_n, d_c_n], [x, h0, c0, *params], needs)
+    if not ctx.training:
+        raise RuntimeError(NOT_TRAINED.format(what="stack"))
+    run = stack.backward if route.direct(x, False) else torch.ops.lstmkit.stack_backward
+    computed = run(
+        x, h0, c0, params, lengths, ctx.directions, out, kept, d_out, d_h_n, d_c_n, needs
+    )
+    return _spread(computed, needs)
+
+
+class EagerStack(torch.autograd.Function):
+    """Eager training of a plain stack: the ``lstmkit::stack`` op's implementation and
+    backward under one hand-written autograd node. In plain eager code only autograd sees the
+    call, and this skips the dispatcher and ``register_autograd``'s wrapper, which flattens and
+    unflattens every argument list on each call (together about 0.2 ms of a tutorial-2 training
+    step; see benchmarks/README.md). Compiled, exported, traced and transformed code gets the
+    op. ``apply(x, h0, c0, lengths, directions, *params)`` -> output, h_n, c_n."""
+
+    @staticmethod
+    def forward(
+        ctx: object,
+        x: Tensor,
+        h0: Tensor,
+        c0: Tensor,
+        lengths: Tensor | None,
+        directions: int,
+        *params: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        out, h_n, c_n, kept = stack.forward(x, h0, c0, list(params), lengths, directions, True)
+        setup_stack(ctx, (x, h0, c0, params, lengths, directions, True), (out, h_n, c_n, kept))
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(
+        ctx: object, d_out: Tensor | None, d_h_n: Tensor | None, d_c_n: Tensor | None
+    ) -> tuple:
+        needs = ctx.needs_input_grad
+        grads = stack_grads(ctx, [*needs[:3], *needs[5:]], d_out, d_h_n, d_c_n)
+        return (*grads[:3], None, None, *grads[3:])
 
 
 def reference_stack(
@@ -138,7 +179,7 @@ def reference_stack(
 def _layer_weights(params: Sequence[Tensor]) -> list[LayerWeights]:
     """Each direction's LayerWeights from its five tensors (empty ones are absent)."""
     return [
-        LayerWeights(*(t if t.numel() else None for t in params[d : d + 5]))
+        LayerWeights(*(t if t is not None and t.numel() else None for t in params[d : d + 5]))
         for d in range(0, len(params), 5)
     ]
 

@@ -16,7 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
-from lstmkit.backends.cpu import library
+from lstmkit.backends.cpu import library, machine
 from lstmkit.backends.cpu.library import GRADS, LAYER
 from lstmkit.backends.cpu.variants import pack_variant, pack_variant_grads, variant_probe
 
@@ -73,7 +73,6 @@ def layer_fields(
     ]
 
 
-@functools.cache
 def saved_elems(
     dtype: torch.dtype,
     hidden: int,
@@ -84,7 +83,26 @@ def saved_elems(
     """Elements of the buffer one layer keeps for backward per row (step of one sequence),
     from its shapes alone: the kernels' own count for one step of one sequence, which grows
     linearly with the rows. ``proj``: per direction, whether it has a projection; ``variant``:
-    :func:`variant_key`."""
+    :func:`variant_key`.
+
+    The same on every tier, because a compiled graph bakes it in and may be cached on disk
+    and reused under another LSTMKIT_CPU_TARGET: the plain kernels pad the units to their
+    vector width, so they are counted as padded to the widest tier's (a little more than a
+    narrower tier uses; the variant kernels keep unpadded rows)."""
+    if variant is None:
+        lanes = max(tier.vector_bytes for tier in machine.TIERS) // dtype.itemsize
+        hidden = -(-hidden // lanes) * lanes
+    return _saved_elems(dtype, hidden, h_size, proj, variant)
+
+
+@functools.cache
+def _saved_elems(
+    dtype: torch.dtype,
+    hidden: int,
+    h_size: int,
+    proj: tuple[bool, ...],
+    variant: tuple[object, ...] | None,
+) -> int:
     kernels = library.load().kernels[dtype]
     weights: list[int] = []
     for has_proj in proj:
