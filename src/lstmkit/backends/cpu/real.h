@@ -270,9 +270,10 @@ LK_INLINE vec v_tanh(vec x)
         p = p * r + exp_taylor[k];
     const vec q = p * r;
     const vec scale = exp2_int(shifted);
-    const vec inverse = 1 / ((1 + scale) + scale * q);
-    const vec near_zero = ((1 - scale) - scale * q) * inverse;
-    const vec t = vsel((ivec)(y < (real)-1.25), 1 - 2 * (scale + scale * q) * inverse, near_zero);
+    const ivec saturating = (ivec)(y < (real)-1.25);
+    const vec num = vsel(saturating, 2 * (scale + scale * q), (1 - scale) - scale * q);
+    const vec quotient = num / ((1 + scale) + scale * q);
+    const vec t = vsel(saturating, 1 - quotient, quotient);
     return (vec)((ivec)t | ((ivec)x & sign));
 }
 
