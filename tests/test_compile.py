@@ -22,7 +22,7 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 class Tagger(torch.nn.Module):
-    """Embedding -> lstmkit.LSTM -> Linear, the tagger of the issue."""
+    """Embedding -> lstmkit.LSTM -> Linear: a small tagger."""
 
     def __init__(self, **options: object) -> None:
         super().__init__()
