@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 TOLERANCES: dict[torch.dtype, dict[str, dict[str, float]]] = {
     torch.float32: {"value": {"atol": 2e-5, "rtol": 1e-4}, "grad": {"atol": 5e-5, "rtol": 2e-4}},
@@ -27,3 +28,22 @@ def assert_close(actual: Tensor, expected: Tensor, what: str, kind: str = "value
     torch.testing.assert_close(
         actual, expected, **TOLERANCES[expected.dtype][kind], msg=lambda m: f"{what}: {m}"
     )
+
+
+def run_packed(
+    module: torch.nn.Module,
+    x: Tensor,
+    lengths: list[int] | tuple[int, ...],
+    hx: tuple[Tensor, Tensor] | None,
+    enforce_sorted: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``module`` on ``x`` packed with ``lengths`` (in its batch_first layout): the output's
+    data (checked to be packed like the input), h_n and c_n. The same call for lstmkit and
+    torch.nn.LSTM, so their results compare row for row."""
+    packed = pack_padded_sequence(
+        x, torch.tensor(lengths), batch_first=module.batch_first, enforce_sorted=enforce_sorted
+    )
+    out, (h, c) = module(packed, hx)
+    assert isinstance(out, PackedSequence)
+    assert torch.equal(out.batch_sizes, packed.batch_sizes)
+    return out.data, h, c

@@ -20,10 +20,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import lstmkit
-from compare import assert_close
+from compare import assert_close, run_packed
 from lstmkit import backends
 
 # Multiply-adds of one example's forward pass, at most, and steps times layers times directions
@@ -132,16 +132,7 @@ def _theirs(lstm: torch.nn.LSTM, config: Config, x: Tensor, hx: tuple | None) ->
 
 
 def _run_packed(lstm: torch.nn.Module, config: Config, x: Tensor, hx: tuple | None) -> list[Tensor]:
-    packed = pack_padded_sequence(
-        x,
-        torch.tensor(config.lengths),
-        batch_first=lstm.batch_first,
-        enforce_sorted=config.enforce_sorted,
-    )
-    out, (h, c) = lstm(packed, hx)
-    assert isinstance(out, PackedSequence)
-    assert torch.equal(out.batch_sizes, packed.batch_sizes)
-    return [out.data, h, c]
+    return list(run_packed(lstm, x, config.lengths, hx, config.enforce_sorted))
 
 
 def _pack_live_sequences(

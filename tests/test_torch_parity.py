@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import lstmkit
-from compare import assert_close
+from compare import assert_close, run_packed
 from lstmkit import backends
 
 
@@ -150,16 +149,7 @@ def make_inputs(
 def forward(module: torch.nn.Module, case: Case, x: Tensor, hx) -> tuple[Tensor, Tensor, Tensor]:
     """Run ``module`` on the case's input form; returns output data, h_n, c_n."""
     if case.form == "packed":
-        packed = pack_padded_sequence(
-            x,
-            torch.tensor(case.lengths),
-            batch_first=module.batch_first,
-            enforce_sorted=case.enforce_sorted,
-        )
-        out, (h, c) = module(packed, hx)
-        assert isinstance(out, PackedSequence)
-        assert torch.equal(out.batch_sizes, packed.batch_sizes)
-        return out.data, h, c
+        return run_packed(module, x, case.lengths, hx, case.enforce_sorted)
     out, (h, c) = module(x, hx)
     return out, h, c
 

@@ -294,21 +294,16 @@ def _check_parameters(
             f"got {len(weights)} layer(s) with {found} direction(s)" + hint(spec)
         )
     dtype, device = like.dtype, like.device
-    shapes_of_layers = _traceable(_parameter_shapes)(spec)
-    for layer, (layer_weights, shapes) in enumerate(zip(weights, shapes_of_layers)):
-        for direction, parameters in enumerate(layer_weights):
-            for field, tensor, shape in zip(LayerWeights._fields, parameters, shapes):
-                if not _fits(tensor, shape, dtype, device):
-                    _refuse(f"{field}_l{layer}", direction, tensor, shape, like, spec)
-    if variants is None:
-        return
-    for layer, layer_variants in enumerate(variants):
-        for direction, variant in enumerate(layer_variants):
-            for field, tensor, shape in zip(
-                Variant._fields, variant, _traceable(_variant_shapes)(spec)
-            ):
-                if not _fits(tensor, shape, dtype, device):
-                    _refuse(f"{field}_l{layer}", direction, tensor, shape, like, spec)
+    groups = [(LayerWeights._fields, weights, _traceable(_parameter_shapes)(spec))]
+    if variants is not None:
+        variant_shapes = _traceable(_variant_shapes)(spec)
+        groups.append((Variant._fields, variants, (variant_shapes,) * spec.num_layers))
+    for fields, by_layer, layer_shapes in groups:
+        for layer, (by_direction, shapes) in enumerate(zip(by_layer, layer_shapes)):
+            for direction, tensors in enumerate(by_direction):
+                for field, tensor, shape in zip(fields, tensors, shapes):
+                    if not _fits(tensor, shape, dtype, device):
+                        _refuse(f"{field}_l{layer}", direction, tensor, shape, like, spec)
 
 
 def _traceable(cached: Callable) -> Callable:

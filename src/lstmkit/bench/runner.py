@@ -366,7 +366,8 @@ def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Env
         print(busy)
     forced = backends.forced_name()
     print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
-    capped = [f"{name}={os.environ[name]}" for name in CAPS["avx2"] if name in os.environ]
+    names = sorted({name for settings in CAPS.values() for name in settings})
+    capped = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
     if capped:
         print(f"instruction sets capped: {' '.join(capped)}")
     return env
