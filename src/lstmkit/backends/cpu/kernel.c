@@ -1091,41 +1091,59 @@ static void gate_backward(const bdir_t *w, const step_t *st, int64_t count, int6
 }
 
 /* Batch 1: dh[c] = sum_col dA[col] W_hh[torch_row(col), c] over the gate columns of unit blocks
- * [b0, b1) and columns [c, c + cols) of dh (at most 4V; zero past P), by torch's rows of W_hh,
- * alternate rows into two sets of sums. */
-LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c, int64_t cols,
+ * [b0, b1) and the nv vectors of dh's columns from c (the last one `full` or partial; past P
+ * and up to c + 4V it writes zeros), by torch's rows of W_hh: even rows into one set of sums,
+ * odd rows into another. nv and full are constants where it is inlined, so the sums stay in
+ * registers and no vector past P is read. */
+LK_INLINE void row_dh_chunk(const dir_t *f, const real *dA, real *dh, int64_t c, const int nv,
                             const int full, int64_t b0, int64_t b1)
 {
-    vec acc[2][4];
-    int64_t n[4];
-    for (int j = 0; j < 4; j++) {
-        acc[0][j] = acc[1][j] = splat(0);
-        n[j] = full ? V : clamp_lanes(cols - j * V);
-    }
+    vec even[4], odd[4];
+    const int64_t tail = clamp_lanes(f->P - c - (nv - 1) * V);
+    for (int j = 0; j < nv; j++)
+        even[j] = odd[j] = splat(0);
     for (int64_t blk = b0; blk < b1; blk++) {
         const int64_t lanes = clamp_lanes(f->H - blk * V);
         for (int q = 0; q < 4; q++) {
             const real *grad = dA + blk * W + q * V;
             const real *row = f->w_hh + (q * f->H + blk * V) * f->P + c;
-            for (int64_t v = 0; v < lanes; v++, row += f->P) {
-                const vec s = splat(grad[v]);
-                for (int j = 0; j < 4; j++)
-                    acc[v & 1][j] += s * (full ? vload(row + j * V) : vload_n(row + j * V, n[j]));
+#define LOAD(r, j) (full || (j) < nv - 1 ? vload((r) + (j) * V) : vload_n((r) + (j) * V, tail))
+            int64_t v = 0;
+            for (; v + 1 < lanes; v += 2, row += 2 * f->P) {
+                const vec s0 = splat(grad[v]), s1 = splat(grad[v + 1]);
+                for (int j = 0; j < nv; j++) {
+                    even[j] += s0 * LOAD(row, j);
+                    odd[j] += s1 * LOAD(row + f->P, j);
+                }
             }
+            if (v < lanes) {
+                const vec s0 = splat(grad[v]);
+                for (int j = 0; j < nv; j++)
+                    even[j] += s0 * LOAD(row, j);
+            }
+#undef LOAD
         }
     }
     for (int j = 0; j < 4; j++)
-        vstore(dh + c + j * V, acc[0][j] + acc[1][j]);
+        vstore(dh + c + j * V, j < nv ? even[j] + odd[j] : splat(0));
 }
 
 /* dh (Pp) = the part of dA W_hh from the unit blocks [b0, b1). */
 static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t b0, int64_t b1)
 {
     for (int64_t c = 0; c < f->P; c += W) {
-        if (c + W <= f->P)
-            row_dh_chunk(f, dA, dh, c, W, 1, b0, b1);
-        else
-            row_dh_chunk(f, dA, dh, c, f->P - c, 0, b0, b1);
+        const int64_t cols = min64(W, f->P - c), nv = (cols + V - 1) / V;
+        const int full = cols == nv * V;
+        switch (nv * 2 + full) {
+        case 2: row_dh_chunk(f, dA, dh, c, 1, 0, b0, b1); break;
+        case 3: row_dh_chunk(f, dA, dh, c, 1, 1, b0, b1); break;
+        case 4: row_dh_chunk(f, dA, dh, c, 2, 0, b0, b1); break;
+        case 5: row_dh_chunk(f, dA, dh, c, 2, 1, b0, b1); break;
+        case 6: row_dh_chunk(f, dA, dh, c, 3, 0, b0, b1); break;
+        case 7: row_dh_chunk(f, dA, dh, c, 3, 1, b0, b1); break;
+        case 8: row_dh_chunk(f, dA, dh, c, 4, 0, b0, b1); break;
+        default: row_dh_chunk(f, dA, dh, c, 4, 1, b0, b1); break;
+        }
     }
 }
 
