@@ -121,6 +121,8 @@ CHANGES = {
     "data-assigned": lambda p: setattr(p, "data", torch.zeros(3)),
     "data-assigned-float64": lambda p: setattr(p, "data", p.data.double()),
     "set-in-place": lambda p: p.set_(torch.zeros(3)),
+    # and this one its address too: only the shape tells
+    "data-view-same-address": lambda p: setattr(p, "data", p.data[:3]),
 }
 
 
@@ -140,3 +142,19 @@ def test_input_on_another_device_than_the_parameters_is_refused(backend: str) ->
     module(torch.randn(5, 3, 4))
     with pytest.raises(RuntimeError, match="is on cpu but the input is on meta"):
         module(torch.randn(5, 3, 4, device="meta"))
+
+
+def test_change_is_seen_whichever_dispatch_state_passed_before(backend: str) -> None:
+    # inference mode and autocast change the dispatch state the remembered checks record
+    module = lstmkit.LSTM(4, 6)
+    x = torch.randn(5, 3, 4)
+    with torch.inference_mode():
+        module(x)
+    module(x)
+    with torch.autocast("cpu", enabled=False):
+        module(x)
+    with torch.no_grad():
+        module.bias_hh_l0.data = module.bias_hh_l0.data[:3]
+    for mode in (torch.inference_mode, torch.no_grad, torch.enable_grad):
+        with mode(), pytest.raises(RuntimeError, match="bias_hh_l0 has shape"):
+            module(x)

@@ -14,13 +14,14 @@ kept and can be read back with :func:`last_choice` or seen with ``lstmkit backen
 from __future__ import annotations
 
 import importlib
-import os
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
+from lstmkit import env
 from lstmkit.reference import LayerWeights, Variant
 
 BACKEND_ENV = "LSTMKIT_BACKEND"
@@ -30,9 +31,9 @@ PREFERENCE: tuple[str, ...] = ("cpu", "reference")
 _MODULES = {name: f"lstmkit.backends.{name}" for name in PREFERENCE}
 
 
-@dataclass(frozen=True)
-class Request:
-    """What a forward call needs from a backend, resolved before any backend is asked."""
+class Request(NamedTuple):
+    """What a forward call needs from a backend, resolved before any backend is asked (a
+    named tuple: made on every call, and cheaper to make than a frozen dataclass)."""
 
     device_type: str
     dtype: torch.dtype
@@ -149,7 +150,7 @@ def get(name: str) -> Backend:
 
 def forced_name() -> str:
     """The backend ``LSTMKIT_BACKEND`` names now, or ``""``."""
-    return os.environ.get(BACKEND_ENV, "").strip()
+    return env.read(BACKEND_ENV)
 
 
 def _reason(backend: Backend, request: Request) -> str | None:
@@ -167,16 +168,20 @@ def choose(request: Request) -> Backend:
     the backend chosen then.
     """
     if torch.compiler.is_compiling():
-        return _loaded[_choose_while_tracing(*(getattr(request, f) for f in _REQUEST_FIELDS))]
+        return _loaded[_choose_while_tracing(*request)]
     return _choose(request)
 
 
-_REQUEST_FIELDS = tuple(Request.__dataclass_fields__)
-
-
-@torch.compiler.assume_constant_result
 def _choose_while_tracing(*fields: object) -> str:
     return _choose(Request(*fields)).name
+
+
+# torch.compiler.assume_constant_result(_choose_while_tracing), without what calling it costs:
+# it imports torch._dynamo (about a second, and some 120,000 objects that every full garbage
+# collection walks from then on, which slows every small eager call of a process that never
+# compiles). The decorator sets this attribute, which dynamo reads when it meets the call;
+# tests/test_compile.py fails if it stops working.
+_choose_while_tracing._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def _choose(request: Request) -> Backend:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import os
 import struct
 import threading
 import time
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from lstmkit import env
 from lstmkit.backends.cpu import build, machine
 
 _ptr = ctypes.c_void_p
@@ -99,7 +99,7 @@ class _CacheUnusable(Exception):
 
 def current_target() -> str:
     """The cpu target asked for now: ``$LSTMKIT_CPU_TARGET``, read at each call, or native."""
-    return os.environ.get(machine.TARGET_ENV, "").strip() or "native"
+    return env.read(machine.TARGET_ENV) or "native"
 
 
 def load(target: str | None = None) -> Library:

@@ -23,6 +23,8 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from lstmkit import env
+
 TARGET_ENV = "LSTMKIT_CPU_TARGET"
 SYSFS_CACHE = Path("/sys/devices/system/cpu/cpu0/cache")
 CPUINFO = Path("/proc/cpuinfo")
@@ -187,7 +189,7 @@ def select(facts: Machine, target: str | None = None) -> tuple[Tier, bool, str]:
     execute raises ``RuntimeError`` with the reason; an unknown name ``ValueError``.
     """
     if target is None:
-        target = os.environ.get(TARGET_ENV, "").strip() or "native"
+        target = env.read(TARGET_ENV) or "native"
     if target == "native":
         for tier in TIERS:
             if facts.runs(tier) is None:
