@@ -16,8 +16,8 @@ import functools
 import torch
 from torch import Tensor
 
-from lstmkit.backends.cpu import library, machine
-from lstmkit.backends.cpu.library import GRADS, LAYER
+from lstmkit.backends.cpu import library, machine, packing
+from lstmkit.backends.cpu.library import GRADS, LAYER, Kernels
 from lstmkit.backends.cpu.variants import pack_variant, pack_variant_grads, variant_probe
 
 NO_DIRECTION = (0,) * 5  # the weights of an absent second direction
@@ -69,8 +69,12 @@ def layer_fields(
         0 if h_n is None else h_n.data_ptr() + h_offset,
         0 if c_n is None else c_n.data_ptr() + c_offset,
         0 if cells is None else cells.data_ptr(),
-        0,
+        0,  # saved (SAVED)
+        0,  # packed: set by packing.take
     ]
+
+
+SAVED = -2  # lk_layer's field of the buffer kept for backward, in layer_fields' list
 
 
 def saved_elems(
@@ -108,8 +112,10 @@ def _saved_elems(
     for has_proj in proj:
         weights += [0, 0, 0, 0, 1 if has_proj else 0]  # only w_hr's presence is read
     weights += NO_DIRECTION if len(proj) == 1 else ()
-    # T B I H P D threads, lengths x h0 c0, weights, out h_n c_n cells saved
-    layer = LAYER.pack(1, 1, 1, hidden, h_size, len(proj), 1, 0, 0, 0, 0, *weights, 0, 0, 0, 0, 0)
+    # T B I H P D threads, lengths x h0 c0, weights, out h_n c_n cells saved packed
+    layer = LAYER.pack(
+        1, 1, 1, hidden, h_size, len(proj), 1, 0, 0, 0, 0, *weights, 0, 0, 0, 0, 0, 0
+    )  # fmt: skip
     if variant is None:
         return kernels.saved_elems(layer)
     return kernels.variant_saved_elems(layer, variant_probe(variant))
@@ -157,14 +163,29 @@ def forward(
         # Zeros where the kernels write nothing (rows no sequence reaches; some of the variant
         # kernels' buffers), so that every call returns the same.
         saved = x.new_zeros(rows) if variant is not None else new(rows)
-        fields[-1] = saved.data_ptr()
+        fields[SAVED] = saved.data_ptr()
     layer = LAYER.pack(*fields)
     if training and lengths is not None and variant is None:
         saved[kernels.saved_elems(layer) :].zero_()
-    status = kernels.forward(layer) if variant is None else kernels.variant_forward(layer, variant)
+    if variant is not None:
+        status = kernels.variant_forward(layer, variant)
+    else:
+        status = forward_layer(kernels, layer, params[0], steps, batch)
     if status != 0:
         raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
     return out, h_n, c_n, cells, saved
+
+
+def forward_layer(kernels: Kernels, layer: bytes, first: Tensor, steps: int, batch: int) -> int:
+    """kernel.c's forward of ``layer`` (first weight ``first``); a short call with packed
+    weights kept between calls (:mod:`.packing`). The kernel's status."""
+    if not packing.rows_keep_packed(steps, batch):
+        return kernels.forward(layer)
+    layer, entry = packing.take(kernels, layer, first)
+    try:
+        return kernels.forward(layer)
+    finally:
+        packing.give(entry)
 
 
 def proj_key(params: list[Param]) -> tuple[bool, ...]:
@@ -211,7 +232,7 @@ def backward(
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
     fields = layer_fields(x, h0, c0, params, lengths, out.contiguous(), None, None, cells)
-    fields[-1] = saved.data_ptr()
+    fields[SAVED] = saved.data_ptr()
     layer = LAYER.pack(*fields)
     inputs = [x, h0, c0, *params, *contiguous(variant_params)]
     wanted = [torch.empty_like(t) if need else None for t, need in zip(inputs, needs)]

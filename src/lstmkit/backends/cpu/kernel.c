@@ -101,6 +101,7 @@ typedef struct {
     int row, fuse;      /* batch 1 (see row_block); its input projection inside the step */
     int small;          /* batch 1 with [W_ih W_hh]^T packed in wt (see row_blocks) */
     int pair;           /* row, not small, on two threads: each step's cells kept (lk_items) */
+    int packed;         /* the packed weights below are already in place (lk_layer.packed) */
     const int64_t *off; /* (T + 1) packed row of (t, 0): the active rows of the steps before */
     const real *x, *h0, *c0;
     const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
@@ -207,8 +208,46 @@ static int64_t panel_at(int64_t panel, int64_t rows, int64_t k, int64_t c)
 }
 
 /* dst[k ld_dst + v] = src[v ld_src + k] for k < K, v < V; zero for v >= lanes: V rows of src
- * (`lanes` of them real) written as K vectors. By tiles of V x V through L1, so that every
- * load and store is a whole vector, not one scattered element. */
+ * (`lanes` of them real) written as K vectors, by tiles of V x V, every load and store a whole
+ * vector. Every call packs its weights this way, so for a short call this is much of its time. */
+#if defined(__GNUC__) && !defined(__clang__)
+/* The tile in registers: log2(V) rounds, round b swapping the off-diagonal b x b blocks of every
+ * 2b x 2b block, one two-vector shuffle per row (GCC's __builtin_shuffle: vpermt2ps and kin). */
+LK_INLINE void transpose_tile(vec r[V])
+{
+#pragma GCC unroll 8
+    for (int64_t b = V / 2; b >= 1; b /= 2) {
+        ivec lo, hi;
+        for (int64_t l = 0; l < V; l++) {
+            lo[l] = (ival)(l & b ? V + l - b : l);
+            hi[l] = (ival)(l & b ? V + l : l + b);
+        }
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < V; i++)
+            if (!(i & b)) {
+                const vec a = r[i], c = r[i + b];
+                r[i] = __builtin_shuffle(a, c, lo);
+                r[i + b] = __builtin_shuffle(a, c, hi);
+            }
+    }
+}
+
+static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64_t K, real *dst,
+                           int64_t ld_dst)
+{
+    for (int64_t k0 = 0; k0 < K; k0 += V) {
+        const int64_t n = min64(V, K - k0);
+        vec r[V];
+#pragma GCC unroll 16
+        for (int64_t v = 0; v < V; v++)
+            r[v] = v < lanes ? vload_n(src + v * ld_src + k0, n) : splat(0);
+        transpose_tile(r);
+        for (int64_t j = 0; j < n; j++)
+            vstore(dst + (k0 + j) * ld_dst, r[j]);
+    }
+}
+#else
+/* Through a tile in memory (other compilers have no shuffle of run-time-built masks). */
 static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64_t K, real *dst,
                            int64_t ld_dst)
 {
@@ -225,6 +264,7 @@ static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64
         }
     }
 }
+#endif
 
 /* small: wt (I + P, Gp), row k the weights of input k (x_t, then h_{t-1}) for every gate
  * column: the V columns of gate q of unit block blk are V consecutive rows of torch's weights. */
@@ -623,7 +663,7 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
     lk_split(w->Pb, rank, size, &p0, &p1);
     const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H); /* own units */
     const int64_t DP = w->D * w->P;
-    if (!w->row)
+    if (!w->row && !w->packed)
         pack_forward(w, b0, b1, p0, p1);
     for (int64_t s = 0; s < w->T; s++) {
         const step_t st = make_step(w, s);
@@ -910,7 +950,107 @@ int64_t SUF(lk_saved_elems)(const lk_layer *a)
     return a->D * lk_packed_rows(a) * (w.Gp + (w.proj ? w.Hp : 0));
 }
 
-static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char *base)
+/* A direction's packed forward weights, from `arena`: the workspace, or lk_layer.packed. */
+static void packed_weights(dir_t *w, lk_arena *arena)
+{
+    w->wi = w->row ? NULL : TAKE(arena, w->Hb * w->I * W);
+    w->bias = TAKE(arena, w->Gp);
+    w->wr = w->row ? NULL : TAKE(arena, w->Hb * w->P * W);
+    w->wp = w->proj ? TAKE(arena, w->Pb * w->Hp * W) : NULL;
+    w->wt = w->small ? TAKE(arena, (w->I + w->P) * w->Gp) : NULL;
+}
+
+/* ---- packed weights kept between calls ----
+ * A short call spends much of its time packing its weights (transposes into panels, the summed
+ * bias: for 5 steps of 3 sequences through two bidirectional layers of 20 units, 9 of 25 us).
+ * lk_layer.packed is a buffer the caller keeps between calls: a header (the layout), a copy of
+ * every weight as it was when packed, then the packed arrays. A call whose layout matches and
+ * whose weights equal the copy bit for bit (memcmp: exact, whatever changed them, be it an
+ * optimizer step, p.data or a numpy view; and a read of each weight, cheaper than packing it)
+ * uses the packed arrays as they are; any other packs into them and takes a new copy. Only the
+ * panel and small paths pack enough to gain (the row path packs only the bias). */
+
+#define PACKED_HEADER 16 /* int64: valid, V, sizeof(real), I, H, P, D, then per direction row,
+                            small, proj and which of the five weights it has */
+
+static size_t weight_bytes(const dir_t *w, int k)
+{
+    const int64_t sizes[LK_WEIGHTS] = {4 * w->H * w->I, 4 * w->H * w->P, 4 * w->H, 4 * w->H,
+                                       w->P * w->H};
+    return w->a->w[w->d][k] == NULL ? 0 : (size_t)sizes[k] * sizeof(real);
+}
+
+static void packed_header(const dir_t *dirs, const lk_layer *a, int64_t *h)
+{
+    memset(h, 0, PACKED_HEADER * sizeof *h);
+    const int64_t head[7] = {1, V, sizeof(real), a->I, a->H, a->P, a->D};
+    memcpy(h, head, sizeof head);
+    for (int64_t d = 0; d < a->D; d++) {
+        const dir_t *w = &dirs[d];
+        int64_t present = 0;
+        for (int k = 0; k < LK_WEIGHTS; k++)
+            present |= (int64_t)(a->w[d][k] != NULL) << k;
+        h[7 + 4 * d] = w->row, h[8 + 4 * d] = w->small, h[9 + 4 * d] = w->proj;
+        h[10 + 4 * d] = present;
+    }
+}
+
+/* Whether this layer keeps packed weights in lk_layer.packed (both directions pack alike). */
+static int keeps_packed(const dir_t *dirs) { return !dirs[0].row || dirs[0].small; }
+
+/* Lays out lk_layer.packed over `dirs` (base NULL: only measures); returns its bytes. On a
+ * real buffer, marks the directions packed when the header and the copies match, and
+ * otherwise invalidates the header and takes the new copies (the caller packs, then calls
+ * packed_done). */
+static size_t packed_layout(dir_t *dirs, const lk_layer *a, char *base)
+{
+    lk_arena arena = {base, 0};
+    int64_t *header = lk_take(&arena, PACKED_HEADER, sizeof(int64_t));
+    char *copies[2][LK_WEIGHTS];
+    for (int64_t d = 0; d < a->D; d++)
+        for (int k = 0; k < LK_WEIGHTS; k++)
+            copies[d][k] = lk_take(&arena, weight_bytes(&dirs[d], k), 1);
+    for (int64_t d = 0; d < a->D; d++)
+        packed_weights(&dirs[d], &arena);
+    if (base == NULL)
+        return arena.used;
+    int64_t now[PACKED_HEADER];
+    packed_header(dirs, a, now);
+    int same = memcmp(header, now, sizeof now) == 0;
+    for (int64_t d = 0; d < a->D && same; d++)
+        for (int k = 0; k < LK_WEIGHTS && same; k++) {
+            const size_t bytes = weight_bytes(&dirs[d], k);
+            same = bytes == 0 || memcmp(copies[d][k], a->w[d][k], bytes) == 0;
+        }
+    if (!same) {
+        header[0] = 0; /* valid again only once packed (packed_done) */
+        for (int64_t d = 0; d < a->D; d++)
+            for (int k = 0; k < LK_WEIGHTS; k++)
+                if (weight_bytes(&dirs[d], k) > 0)
+                    memcpy(copies[d][k], a->w[d][k], weight_bytes(&dirs[d], k));
+    }
+    for (int64_t d = 0; d < a->D; d++)
+        dirs[d].packed = same;
+    return arena.used;
+}
+
+static void packed_done(const dir_t *dirs, const lk_layer *a)
+{
+    packed_header(dirs, a, a->packed);
+}
+
+int64_t SUF(lk_packed_elems)(const lk_layer *a)
+{
+    dir_t dirs[2];
+    for (int64_t d = 0; d < a->D; d++)
+        geometry(&dirs[d], a, d);
+    if (!keeps_packed(dirs))
+        return 0;
+    return (int64_t)((packed_layout(dirs, a, NULL) + sizeof(real) - 1) / sizeof(real));
+}
+
+static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char *base,
+                                const void *packed)
 {
     lk_arena arena = {base, 0};
     int64_t *off = lk_take(&arena, (size_t)a->T + 1, sizeof(int64_t));
@@ -920,13 +1060,10 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
         dir_t *w = &dirs[d];
         w->off = off;
         w->xp = xp;
-        w->wi = w->row ? NULL : TAKE(&arena, w->Hb * w->I * W);
-        w->bias = TAKE(&arena, w->Gp);
-        w->wr = w->row ? NULL : TAKE(&arena, w->Hb * w->P * W);
-        w->wp = w->proj ? TAKE(&arena, w->Pb * w->Hp * W) : NULL;
+        if (packed == NULL)
+            packed_weights(w, &arena);
         w->pre = w->row && !w->fuse ? TAKE(&arena, R * 4 * w->H) : NULL;
         w->scratch = w->row && !w->fuse ? TAKE(&arena, 2 * R * 4 * half_units(w)) : NULL;
-        w->wt = w->small ? TAKE(&arena, (w->I + w->P) * w->Gp) : NULL;
         if (w->keep) {
             w->G = saved;
             w->m = w->proj ? saved + R * w->Gp : NULL;
@@ -952,7 +1089,8 @@ int SUF(lk_forward)(const lk_layer *a)
         dirs[d].pair = a->D == 1 && dirs[d].row && !dirs[d].small && max_threads(a) >= 2;
     }
     const int64_t R = lk_packed_rows(a);
-    lk_block *block = lk_workspace_take(forward_workspace(dirs, a, R, NULL));
+    char *packed = a->packed != NULL && keeps_packed(dirs) ? a->packed : NULL;
+    lk_block *block = lk_workspace_take(forward_workspace(dirs, a, R, NULL, packed));
     if (block == NULL)
         return -1;
     char *work = block->p;
@@ -961,7 +1099,9 @@ int SUF(lk_forward)(const lk_layer *a)
     lk_advise_huge(a->cells, TB * a->D * a->H);
     if (a->saved != NULL)
         lk_advise_huge(a->saved, (size_t)SUF(lk_saved_elems)(a) * sizeof(real));
-    forward_workspace(dirs, a, R, work);
+    forward_workspace(dirs, a, R, work, packed);
+    if (packed != NULL)
+        packed_layout(dirs, a, packed);
     lk_fill_offsets(a, (int64_t *)dirs[0].off);
     const real *xp = pack_input(a, dirs[0].off, (real *)dirs[0].xp);
     const int threads = lk_threads(a, lk_layer_flops(a));
@@ -969,9 +1109,9 @@ int SUF(lk_forward)(const lk_layer *a)
     for (int64_t d = 0; d < a->D; d++) {
         dir_t *w = &dirs[d];
         w->xp = xp;
-        if (w->row) /* the panel path packs inside forward_direction */
+        if (w->row && !w->packed) /* the panel path packs inside forward_direction */
             pack_forward(w, 0, w->Hb, 0, 0);
-        if (w->small)
+        if (w->small && !w->packed)
             pack_small(w, w->wt);
     }
     if (dirs[0].pair)
@@ -989,6 +1129,8 @@ int SUF(lk_forward)(const lk_layer *a)
             memcpy((real *)a->c_n + (d * a->B + b) * a->H, c, (size_t)a->H * sizeof(real));
         }
     }
+    if (packed != NULL && !dirs[0].packed)
+        packed_done(dirs, a);
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
     lk_workspace_give(block);

@@ -38,14 +38,14 @@ _ptr = ctypes.c_void_p
 # ctypes.Structure several. lk_layer: T B I H P D threads, then the addresses of lengths x h0
 # c0, the weights (direction-major, each direction as lstmkit.reference.LayerWeights: w_ih
 # w_hh b_ih b_hh w_hr; zeros for a second direction that does not exist), out h_n c_n cells
-# saved.
+# saved packed.
 # lk_grads: d_out d_h_n d_c_n d_cells d_x d_h0 d_c0, then the weights' gradients likewise.
 # lk_variant, per direction (zeros for an absent second one): the addresses of the variant
 # parameters (as lstmkit.reference.Variant: ln_weight_ih ln_bias_ih ln_weight_hh ln_bias_hh
 # ln_weight_c ln_bias_c weight_peephole), recurrent_mask zoneout_cell zoneout_hidden (masks),
 # then the two zoneout keep probabilities as doubles. lk_variant_grads: the variant parameters'
 # gradients, direction-major.
-LAYER = struct.Struct("=7q19Q")
+LAYER = struct.Struct("=7q20Q")
 GRADS = struct.Struct("=17Q")
 VARIANT = struct.Struct("=10Q2d10Q2d")
 VARIANT_GRADS = struct.Struct("=14Q")
@@ -60,6 +60,7 @@ class Kernels:
     forward: ctypes._CFuncPtr
     backward: ctypes._CFuncPtr
     saved_elems: ctypes._CFuncPtr
+    packed_elems: ctypes._CFuncPtr
     tanh: ctypes._CFuncPtr
     sigmoid: ctypes._CFuncPtr
     variant_forward: ctypes._CFuncPtr
@@ -270,6 +271,7 @@ def _kernels(cdll: ctypes.CDLL) -> dict[torch.dtype, Kernels]:
             forward=_function(cdll, f"lk_forward_{suffix}", ctypes.c_int, [layer]),
             backward=_function(cdll, f"lk_backward_{suffix}", ctypes.c_int, [layer, grads]),
             saved_elems=_function(cdll, f"lk_saved_elems_{suffix}", ctypes.c_int64, [layer]),
+            packed_elems=_function(cdll, f"lk_packed_elems_{suffix}", ctypes.c_int64, [layer]),
             tanh=_function(cdll, f"lk_tanh_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
             sigmoid=_function(cdll, f"lk_sigmoid_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
             variant_forward=_function(

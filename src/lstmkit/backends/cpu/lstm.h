@@ -57,6 +57,8 @@ typedef struct {
     void *h_n, *c_n;               /* (D, B, P), (D, B, H) */
     void *cells;                   /* (T, B, D*H) every cell state, or NULL (inference) */
     void *saved;                   /* lk_saved_elems_*() elements kept for backward, or NULL */
+    void *packed; /* lk_packed_elems_*() elements that outlive the call, where the forward keeps
+                     its packed weights between calls (kernel.c), or NULL; one call at a time */
 } lk_layer;
 
 /* Gradients for backward: incoming ones may be NULL (zero), wanted ones NULL (not needed). */

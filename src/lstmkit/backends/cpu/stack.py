@@ -19,9 +19,11 @@ from torch import Tensor
 from lstmkit.backends.cpu import library
 from lstmkit.backends.cpu.function import (
     NO_DIRECTION,
+    SAVED,
     Param,
     addresses,
     contiguous,
+    forward_layer,
     layer_fields,
     proj_key,
     saved_elems,
@@ -63,14 +65,14 @@ def forward(
         if training:
             rows = steps * batch * saved_elems(x.dtype, hidden, h_size, proj_key(weights))
             saved.append(x.new_empty(rows))
-            fields[-1] = saved[-1].data_ptr()
+            fields[SAVED] = saved[-1].data_ptr()
             cells.append(layer_cells)
             if first > 0:
                 inputs.append(layer_input)
         layer = LAYER.pack(*fields)
         if training and lengths is not None:
             saved[-1][kernels.saved_elems(layer) :].zero_()  # as function.forward does
-        if kernels.forward(layer) != 0:
+        if forward_layer(kernels, layer, weights[0], steps, batch) != 0:
             raise MemoryError("lstmkit cpu backend: out of memory for the forward workspace")
         layer_input = out
     return layer_input, h_n, c_n, [*inputs, *cells, *saved]
@@ -119,7 +121,7 @@ def backward(
         fields = layer_fields(
             layer_input, h0, c0, weights, lengths, outputs[index], None, None, cells[index], row
         )
-        fields[-1] = saved[index].data_ptr()
+        fields[SAVED] = saved[index].data_ptr()
         d_x = torch.empty_like(layer_input) if index > 0 or needs[0] else None
         h_offset = row * batch * h0.shape[2] * item
         c_offset = row * batch * c0.shape[2] * item
