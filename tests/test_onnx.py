@@ -60,7 +60,8 @@ class Model(nn.Module):
 
 
 def inputs(lstm: lstmkit.LSTM, size: tuple[int, int], hx: bool, lengths: bool) -> list[Tensor]:
-    """x, then h0 and c0, then lengths (unsorted, one sequence shorter than L by 3)."""
+    """x, then h0 and c0, then lengths: unsorted, one of them 0 (then h_n and c_n are the
+    initial state), and L with N = 3."""
     steps, batch = size
     x = torch.randn(
         (batch, steps, lstm.input_size) if lstm.batch_first else (steps, batch, lstm.input_size)
@@ -71,7 +72,7 @@ def inputs(lstm: lstmkit.LSTM, size: tuple[int, int], hx: bool, lengths: bool) -
         h_size = lstm.proj_size or lstm.hidden_size
         result += [torch.randn(rows, batch, h_size), torch.randn(rows, batch, lstm.hidden_size)]
     if lengths:
-        result.append(torch.tensor([steps - 3, *[steps] * (batch - 1)]).roll(1))
+        result.append(torch.tensor([steps - 3, 0, steps])[:batch])
     return result
 
 
@@ -143,3 +144,43 @@ def test_export_runs_in_onnxruntime(config: str, exporter: str, tmp_path: Path) 
     assert expected in ops and not (op is None and "LSTM" in ops), f"{config}: ops {ops}"
     for size in (EXPORTED, OTHER):
         check_runs(lstm, path, inputs(lstm, size, hx, lengths), f"{config} {exporter} {size}")
+
+
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_variants_are_a_scan_with_dynamo_and_refused_by_torchscript(
+    exporter: str, tmp_path: Path
+) -> None:
+    """Layer norm and zoneout (its expectation, in evaluation) have no ONNX LSTM form."""
+    torch.manual_seed(0)
+    keywords = {"layer_norm": True, "zoneout_cell": 0.2, "zoneout_hidden": 0.1}
+    lstm = lstmkit.LSTM(3, 4, bidirectional=True, peepholes=True, **keywords).eval()
+    path = tmp_path / "lstm.onnx"
+    if exporter == "torchscript":
+        with pytest.raises(RuntimeError, match="cannot export layer_norm, zoneout; the dynamo"):
+            export(lstm, exporter, inputs(lstm, EXPORTED, False, True), path)
+        return
+    export(lstm, exporter, inputs(lstm, EXPORTED, False, True), path)
+    assert "Scan" in op_types(path)
+    for size in (EXPORTED, OTHER):
+        check_runs(lstm, path, inputs(lstm, size, False, True), f"variants {size}")
+
+
+@pytest.mark.filterwarnings("ignore:Exporting a model while it is in training mode")
+def test_training_noise_is_refused(tmp_path: Path) -> None:
+    """The dynamo exporter reports lstmkit's reason (its TorchExportError is a RuntimeError)."""
+    lstm = lstmkit.LSTM(3, 4, num_layers=2, dropout=0.5, recurrent_dropout=0.1).train()
+    with pytest.raises(RuntimeError, match=r"dropout=0.5, recurrent_dropout=0.1 in training"):
+        export(lstm, "dynamo", inputs(lstm, EXPORTED, False, False), tmp_path / "lstm.onnx")
+
+
+def test_helper_exports_a_bare_module_with_torchscript(tmp_path: Path) -> None:
+    """torch's TorchScript exporter passes lengths= positionally to a bare lstmkit.LSTM, and
+    takes no kwargs; lstmkit.onnx.export takes both, like the dynamo exporter."""
+    torch.manual_seed(0)
+    lstm = lstmkit.LSTM(3, 4, bidirectional=True).eval()
+    feed = inputs(lstm, EXPORTED, True, True)
+    path = tmp_path / "lstm.onnx"
+    args = (feed[0], (feed[1], feed[2]))
+    lstmkit.onnx.export(lstm, args, path, kwargs={"lengths": feed[3]}, dynamo=False)
+    assert "LSTM" in op_types(path)
+    check_runs(lstm, path, feed, "bare module")

@@ -45,6 +45,7 @@ import os
 
 import torch
 from torch import Tensor
+from torch.onnx._internal.exporter import _flags as _dynamo_flags
 
 from lstmkit import reference
 from lstmkit.reference import NO_VARIANT, LayerWeights, Variant
@@ -105,10 +106,15 @@ class _Positional(torch.nn.Module):
 
 def exporting() -> bool:
     """Whether ``torch.onnx.export`` is tracing this call (either exporter). The two cheap
-    checks first: every export traces (``torch.jit``) or compiles (``torch.export``)."""
-    return (
-        torch.jit.is_tracing() or torch.compiler.is_compiling()
-    ) and torch.onnx.is_in_onnx_export()
+    checks first: every export traces (``torch.jit``) or compiles (``torch.export``).
+
+    Dynamo takes ``torch.onnx.is_in_onnx_export()`` for a constant False, so under a strict
+    ``torch.export`` (the exporter's second way to capture a model, tried when the first
+    fails) the flag behind it is read too.
+    """
+    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+        return False
+    return torch.onnx.is_in_onnx_export() or getattr(_dynamo_flags, "_is_onnx_exporting", False)
 
 
 def run_stack(
@@ -229,6 +235,10 @@ def _node_layer(
     sequence_lens = None if lengths is None else lengths.to(torch.int32)  # (N,)
     node = lstm_node(x, w, r, b, sequence_lens, h0, c0, p, hidden, len(weights))
     y, h_n, c_n = node  # (L, D, N, H), (D, N, H), (D, N, H)
+    if lengths is not None:
+        # A sequence of length 0 ends in its initial state; onnxruntime gives it zeros.
+        empty = (lengths == 0).view(1, -1, 1)  # (1, N, 1)
+        h_n, c_n = torch.where(empty, h0, h_n), torch.where(empty, c0, c_n)
     return y.transpose(1, 2).flatten(2), h_n, c_n  # (L, N, D*H)
 
 
@@ -395,7 +405,10 @@ def _scanned_direction(
         output = torch.where(keep, h_next, torch.zeros_like(h_next))  # (N, P)
         return [torch.where(keep, h_next, h), torch.where(keep, c_next, c), output]
 
-    h_n, c_n, out = scan_op(step, [h0, c0], xs, tensors)
+    # An ONNX graph carries no gradients. Detached, no input of the op requires grad, so the
+    # exporter's decomposition of the program does not trace a backward of the step (which
+    # fails on layer norm's variance, a prim).
+    h_n, c_n, out = scan_op(step, *([t.detach() for t in ts] for ts in ([h0, c0], xs, tensors)))
     return (out.flip(0) if reverse else out), h_n, c_n
 
 
