@@ -1,40 +1,46 @@
 """ONNX export: ``torch.onnx.export`` of a model holding ``lstmkit.LSTM``, with no extra step.
 
-Mechanism. While ``torch.onnx.export`` runs (:func:`exporting`), the layout layer
-(:func:`lstmkit.functional.run_stack`) hands the canonical tensors to :func:`run_stack` here
+Decision. While ``torch.onnx.export`` runs (:func:`exporting`), the layout layer
+(:func:`lstmkit.functional.run_stack`) hands its canonical tensors to :func:`run_stack` here
 instead of a backend, so no exporter ever sees lstmkit's own ops (``lstmkit::stack``,
-``lstmkit::layer``, whose C kernels have no ONNX meaning). Each layer becomes:
+``lstmkit::layer``, whose C kernels have no ONNX meaning). Translating those ops instead
+(``custom_translation_table``, ``register_custom_op_symbolic``) would need an extra argument
+for the dynamo exporter and a translation of the kernels' training outputs; taking another
+path while exporting gives both exporters the plain call. Each layer becomes:
 
-- one ONNX ``LSTM`` node when ONNX's operator expresses it (plain layers, ``bias=False``,
+- one ONNX ``LSTM`` node where ONNX's operator expresses it (plain layers, ``bias=False``,
   bidirectional, ``lengths=``, peepholes), so runtimes use their fused kernels;
 - otherwise a loop over the (dynamic) sequence length of lstmkit's step in standard ops:
-  ``proj_size`` and, with the dynamo exporter, layer norm and zoneout (in evaluation).
+  ``proj_size`` and, with the dynamo exporter, layer norm and zoneout (its expectation).
 
-How the node is emitted depends on the exporter, told apart by what it traces with:
+Each exporter is told apart by how it traces, and gets the node and the loop its own way:
 
-- ``dynamo=True`` (the default; ``torch.export``): ``torch.onnx.ops.symbolic_multi_out``, an
-  op the exporter writes out as the ONNX node it names; the loop is
-  ``torch._higher_order_ops.scan`` over :func:`lstmkit.reference.lstm_step`, which the
-  exporter writes as an ONNX ``Scan``.
-- ``dynamo=False`` (TorchScript, ``torch.jit`` tracing): an autograd Function whose
-  ``symbolic`` writes the node (its forward computes the node's values with the reference,
-  which the tracer needs); the loop is a scripted function (an ONNX ``Loop``) restating the
-  plain step with projection, since TorchScript cannot compile the reference's step.
-
-A custom-op translation (``custom_translation_table``, ``register_custom_op_symbolic``) would
-need an argument for the dynamo exporter, and would have to translate the kernels' training
-outputs; taking another path while exporting gives both exporters the plain call.
+- ``dynamo=True`` (the default; ``torch.export``): the node is
+  ``torch.onnx.ops.symbolic_multi_out``, an op the exporter writes out as the ONNX node it
+  names; the loop is torch's ``scan`` op over :func:`lstmkit.reference.lstm_step` (the math
+  written once), which the exporter writes as an ONNX ``Scan``.
+- ``dynamo=False`` (TorchScript, ``torch.jit`` tracing): the node is an autograd Function
+  whose ``symbolic`` writes it (its forward gives the tracer zeros of the node's shapes, as
+  ``torch.onnx.ops`` does); the loop is a scripted function, an ONNX ``Loop``, restating the
+  plain step with projection, since TorchScript cannot compile the reference's step (its
+  NamedTuples of optional tensors).
 
 Layout, from torch's to ONNX's: gates i, f, g, o become i, o, f, c (:data:`GATE_ORDER`); W is
 (D, 4H, H_in), R (D, 4H, H), B (D, 8H) the two biases concatenated, P (D, 3H) the peepholes
-i, o, f; ``lengths`` become ``sequence_lens`` (int32, any order); ONNX's Y (L, D, N, H) becomes
-torch's (L, N, D*H). ``batch_first``, unbatched input and default states are resolved before,
-by the layout layer, as for every backend.
+i, o, f; ``lengths`` become ``sequence_lens`` (int32, in the caller's order: ONNX needs no
+sorting); ONNX's Y (L, D, N, H) becomes torch's (L, N, D*H). ``batch_first``, unbatched input
+and default or learned initial states are resolved before, by the layout layer. A sequence of
+length 0 ends in its initial state, as in torch (onnxruntime's node gives zeros there).
 
-Refused, with a RuntimeError naming the setting: training-mode noise (inter-layer dropout,
-recurrent and weight dropout, zoneout masks: export in ``eval()`` mode), ``forward_all``'s
-per-layer sequences, and with ``dynamo=False`` layer norm and zoneout (and proj_size combined
-with peepholes), which the dynamo exporter handles.
+Refused, with a RuntimeError naming the setting: random masks in training mode (inter-layer
+dropout, recurrent and weight dropout, zoneout: export in ``eval()`` mode), ``forward_all``'s
+per-layer sequences, and with ``dynamo=False`` layer norm, zoneout and proj_size with
+peepholes, which the dynamo exporter handles.
+
+Limits found (torch 2.13, onnxruntime 1.32, the default opset 20): onnxruntime's LSTM kernel
+refuses float64; the TorchScript exporter cannot call a bare ``lstmkit.LSTM`` (:func:`export`
+wraps it); a program from ``torch.export.export`` outside ``torch.onnx.export`` holds
+lstmkit's ops, which have no translation.
 """
 
 from __future__ import annotations
@@ -45,11 +51,15 @@ import os
 
 import torch
 from torch import Tensor
-from torch.onnx._internal.exporter import _flags as _dynamo_flags
 
 from lstmkit import reference
 from lstmkit.reference import NO_VARIANT, LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
+
+try:  # the flag behind torch.onnx.is_in_onnx_export() for the dynamo exporter
+    from torch.onnx._internal.exporter import _flags as _dynamo_flags
+except ImportError:  # a torch without the dynamo exporter
+    _dynamo_flags = None
 
 # ONNX's gates i, o, f, c as torch's gate blocks (torch: i, f, g, o).
 GATE_ORDER = (0, 3, 1, 2)
