@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import io
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -55,6 +56,9 @@ from torch import Tensor
 from lstmkit import reference
 from lstmkit.reference import NO_VARIANT, LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
+
+if TYPE_CHECKING:
+    from torch.onnx._internal.torchscript_exporter.jit_utils import GraphContext
 
 try:  # the flag behind torch.onnx.is_in_onnx_export() for the dynamo exporter
     from torch.onnx._internal.exporter import _flags as _dynamo_flags
@@ -315,7 +319,7 @@ class _TracedLSTM(torch.autograd.Function):
 
     @staticmethod
     def symbolic(
-        g: torch._C.Graph,
+        g: GraphContext,
         x: torch._C.Value,
         w: torch._C.Value,
         r: torch._C.Value,
