@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmkit import backends, checks
+from lstmkit import backends, checks, onnx
 from lstmkit.reference import NO_VARIANT, LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 
@@ -90,11 +90,12 @@ def lstm(
     order = restore = None
     if lengths is not None:
         lengths = checks.check_lengths(lengths, batched, steps, batch, spec)
-        # A traced graph cannot branch on the values: it keeps the lengths and always sorts.
-        traced = torch.compiler.is_compiling()
-        if not traced and bool((lengths == steps).all()):
+        # A traced graph cannot branch on the values: it keeps the lengths and always sorts;
+        # an ONNX export keeps them as they are (ONNX's LSTM takes any order).
+        traced, exporting = torch.compiler.is_compiling(), onnx.exporting()
+        if not (traced or exporting) and bool((lengths == steps).all()):
             lengths = None
-        elif traced or bool((lengths[1:] > lengths[:-1]).any()):
+        elif not exporting and (traced or bool((lengths[1:] > lengths[:-1]).any())):
             lengths, order = torch.sort(lengths, descending=True, stable=True)
             restore = torch.argsort(order).to(x.device)
             order = order.to(x.device)
@@ -221,6 +222,9 @@ def run_stack(
     """Every layer on canonical tensors. Shape: x (L, N, H_in), h0 (num_layers*D, N, H_out),
     c0 (num_layers*D, N, H_cell) -> output (L, N, D*H_out), h_n and c_n like h0 and c0, and
     with ``sequences`` each layer's (h (L, N, D*H_out), c (L, N, D*H_cell)) at every step."""
+    if onnx.exporting():
+        result = onnx.run_stack(x, h0, c0, spec, weights, training, lengths, sequences, variants)
+        return (*result, None)
     request = backends.Request(
         x.device.type,
         x.dtype,
