@@ -249,6 +249,18 @@ def check_parameters(
         # device), or tensors without storage (torch.func's wrappers): nothing to remember.
         _check_parameters(weights, variants, spec, like)
         return
+    memo = getattr(weights, "checked", None)
+    if (
+        memo is not None
+        and memo[0] is spec
+        and memo[1] is like.dtype
+        and memo[2] == like.device
+        and memo[3] is variants
+    ):
+        present = memo[4]
+        for guard in memo[5]:
+            if guard(*present):
+                return
     flat = [t for layer in weights for w in layer for t in w]
     if variants is not None:
         flat += [t for layer in variants for v in layer for t in v[:_VARIANT_PARAMETERS]]
@@ -278,6 +290,17 @@ def check_parameters(
         # inference mode or autocast, which the guards include): keep the last few
         guards += seen[5][: _GUARDS - 1]
     _remember(first, (spec, like.dtype, like.device, tuple(flat[1:]), guards))
+    if isinstance(weights, ParameterLists):
+        weights.checked = (spec, like.dtype, like.device, variants, tuple(present), guards)
+
+
+class ParameterLists(list):
+    """A module's parameters as ``weights[layer][direction]`` (tuples of LayerWeights per
+    layer), which the module keeps while its parameters stay the same objects and never
+    changes: :func:`check_parameters` keeps what it checked on it (``checked``), so the
+    module's calls find it without walking the lists; it goes with the module's lists."""
+
+    checked: tuple | None = None
 
 
 _VARIANT_PARAMETERS = 7  # Variant's fields up to weight_peephole; the rest is per-call noise

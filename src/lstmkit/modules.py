@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmkit import functional, reference
+from lstmkit import checks, functional, reference
 from lstmkit.reference import LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 from lstmkit.streaming import Stream
@@ -247,21 +247,26 @@ class LSTM(nn.Module):
 
     def layer_weights(self) -> list[list[LayerWeights]]:
         """The parameters as ``weights[layer][direction]`` for :mod:`lstmkit.functional`."""
-        return self._parameter_lists()[0]
+        return [list(layer) for layer in self._parameter_lists()[0]]
 
     def layer_variants(self) -> list[list[Variant]] | None:
         """The variants' parameters as ``variants[layer][direction]``, or ``None`` if the
         configuration has no layer norm and no peepholes."""
-        return self._parameter_lists()[1]
+        variants = self._parameter_lists()[1]
+        return None if variants is None else [list(layer) for layer in variants]
 
-    def _parameter_lists(self) -> tuple[list[list[LayerWeights]], list[list[Variant]] | None]:
+    def _parameter_lists(
+        self,
+    ) -> tuple[list[tuple[LayerWeights, ...]], list[tuple[Variant, ...]] | None]:
         """``layer_weights()`` and ``layer_variants()``, rebuilt only when they may differ.
 
         They hold the parameter objects themselves, so they stay right when a parameter's data
         changes. They are rebuilt when any object in ``_parameters`` or the spec was replaced
         (assignment, ``.to()``, ``load_state_dict(assign=True)``), and on every call when a
         parameter lives elsewhere (``torch.nn.utils.parametrize``, weight norm), where the
-        value is computed anew each time.
+        value is computed anew each time. The module's own: never changed once made (a
+        :class:`lstmkit.checks.ParameterLists`, which remembers their check), so the
+        public methods above return copies.
         """
         key = (self.spec, *self._parameters.values())
         cached = self.__dict__.get("_cached_lists")
@@ -270,21 +275,24 @@ class LSTM(nn.Module):
         get = self._parameter
         suffixes = self._suffixes()
         directions = self.spec.num_directions
-        weights = [
-            [LayerWeights(*(get(kind + suffix) for kind in LayerWeights._fields)) for suffix in s]
+        # Traced code (torch.compile, torch.export) reads the parameters anew each time it
+        # runs; it must not leave tensors of its own in the module.
+        traced = torch.compiler.is_compiling()
+        weights = (list if traced else checks.ParameterLists)(
+            tuple(
+                LayerWeights(*(get(kind + suffix) for kind in LayerWeights._fields)) for suffix in s
+            )
             for s in _chunks(suffixes, directions)
-        ]
+        )
         variants = None
         if self.spec.layer_norm or self.spec.peepholes:
             kinds = Variant._fields[:7]
             variants = [
-                [Variant(*(get(kind + suffix) for kind in kinds)) for suffix in s]
+                tuple(Variant(*(get(kind + suffix) for kind in kinds)) for suffix in s)
                 for s in _chunks(suffixes, directions)
             ]
         lists = (weights, variants)
-        # Traced code (torch.compile, torch.export) reads the parameters anew each time it
-        # runs; it must not leave tensors of its own in the module.
-        if torch.compiler.is_compiling():
+        if traced:
             return lists
         if not torch.nn.utils.parametrize.is_parametrized(self) and all(
             name in self._parameters for names in self._all_weights for name in names
