@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from lstmkit.backends import report
 from lstmkit.backends.cpu import library, machine
@@ -125,3 +126,29 @@ def test_the_loaded_kernels_have_this_machines_plan() -> None:
     shown = "\n".join(report.report_lines())
     assert f"tier {loaded.tier.name}" in shown
     assert f"up to {machine._size(int(loaded.plan.row_bytes))}" in shown
+
+
+@pytest.mark.parametrize(
+    ("hidden", "narrow"),
+    [(1, True), (7, True), (8, True), (9, False), (16, False), (17, True), (20, True),
+     (24, True), (32, False), (33, False), (40, False), (100, False), (1024, False)],
+)  # fmt: skip
+def test_few_units_take_the_narrow_vectors(hidden: int, narrow: bool) -> None:
+    # 16-lane wide vectors (64 bytes of float32) against 8-lane narrow ones
+    assert machine.narrow_pays(hidden, 16, 8) is narrow
+
+
+@pytest.mark.parametrize("target", ["avx512", "avx2", "generic"])
+def test_a_library_has_narrow_kernels_where_its_vectors_are_wider(target: str) -> None:
+    tier = machine.tier_named(target)
+    reason = machine.machine().runs(tier)
+    if reason is not None:
+        pytest.skip(f"this CPU cannot execute {target}: {reason}")
+    loaded = library.load(target)
+    wide = tier.vector_bytes > machine.NARROW_BYTES
+    assert bool(loaded.narrow) is wide
+    for dtype, few in ((torch.float32, 20), (torch.float64, 10)):  # 16 and 8 lanes pad more
+        chosen = loaded.kernels_for(dtype, few)
+        expected = loaded.narrow[dtype] if wide else loaded.kernels[dtype]
+        assert chosen is expected
+        assert loaded.kernels_for(dtype, 512) is loaded.kernels[dtype]

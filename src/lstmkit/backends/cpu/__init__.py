@@ -37,9 +37,15 @@ class CpuBackend(Backend):
         if reason is None:
             loaded = library.load()
             tier = loaded.tier
+            narrow = (
+                f"; {machine.NARROW_BYTES}-byte ones for layers of few units"
+                if loaded.narrow
+                else ""
+            )
             state = (
                 f"tier {tier.name} ({tier.vector_bytes}-byte vectors, {tier.registers} "
-                f"registers{', tuned for this CPU' if loaded.native else ''}): "
+                f"registers{', tuned for this CPU' if loaded.native else ''}"
+                f"{narrow}): "
                 f"{loaded.tier_reason}; GEMM: {loaded.blas}; kernels {loaded.origin}"
             )
         else:

@@ -51,6 +51,19 @@ UNITS = (
     ("variant.c", ("-DLK_DOUBLE=0",), "variant_f32.o"),
     ("variant.c", ("-DLK_DOUBLE=1",), "variant_f64.o"),
 )
+# With vectors wider than 32 bytes, kernel.c once more with 32-byte ones (symbols *_narrow): a
+# layer of few units pads them to fewer lanes (see machine.narrow_pays).
+NARROW_UNITS = (
+    ("kernel.c", ("-DLK_DOUBLE=0", "-ULK_VBYTES", "-DLK_VBYTES=32", "-DLK_NARROW"), "narrow_f32.o"),
+    ("kernel.c", ("-DLK_DOUBLE=1", "-ULK_VBYTES", "-DLK_VBYTES=32", "-DLK_NARROW"), "narrow_f64.o"),
+)
+
+
+def units(flags: tuple[str, ...]) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """The compilation units of a build with a tier's ``flags`` (:func:`target_flags`)."""
+    return UNITS + (NARROW_UNITS if "-DLK_VBYTES=64" in flags else ())
+
+
 FLAGS = (
     "-O3",
     "-std=gnu11",
@@ -132,12 +145,12 @@ def library_path(compiler: str, flags: tuple[str, ...] | None = None) -> Path:
     if flags is None:
         flags = target_flags(*machine.select(machine.machine())[:2])
     digest = hashlib.sha256()
-    for name in sorted({unit[0] for unit in UNITS} | set(HEADERS)):
+    for name in sorted({unit[0] for unit in UNITS} | set(HEADERS)):  # NARROW_UNITS: the same
         digest.update(name.encode() + b"\0" + (SOURCE_DIR / name).read_bytes())
     real = os.path.realpath(compiler)
     stat = os.stat(real)
     for part in (
-        repr((CACHE_FORMAT, UNITS, FLAGS, flags, LINK_FLAGS, LIBRARIES, sanitize_flags())),
+        repr((CACHE_FORMAT, units(flags), FLAGS, flags, LINK_FLAGS, LIBRARIES, sanitize_flags())),
         f"{real} {stat.st_size} {stat.st_mtime_ns}",
         _cpu_identity(),
         platform.platform(),
@@ -153,7 +166,7 @@ def build(compiler: str, target: Path, flags: tuple[str, ...] = ()) -> None:
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
         jobs = []
         sanitizing = sanitize_flags()
-        for source, extra, obj in UNITS:
+        for source, extra, obj in units(flags):
             command = [compiler, *FLAGS, *flags, *sanitizing, *extra]
             command += ["-c", str(SOURCE_DIR / source), "-o", obj]
             jobs.append((command, _start(command, tmp)))
@@ -161,7 +174,7 @@ def build(compiler: str, target: Path, flags: tuple[str, ...] = ()) -> None:
             _finish(command, job)
         partial = Path(tmp) / target.name
         command = [compiler, *LINK_FLAGS, *sanitizing, "-o", str(partial)]
-        command += [*(u[2] for u in UNITS), *LIBRARIES]
+        command += [*(u[2] for u in units(flags)), *LIBRARIES]
         _finish(command, _start(command, tmp))
         data = partial.read_bytes()
         digest = hashlib.sha256(data).hexdigest()

@@ -139,7 +139,7 @@ def forward(
     Returns out, h_n, c_n, the cells (with ``cell_sequence`` or ``training``, else empty) and
     the buffer backward needs (``training``, else empty).
     """
-    kernels = library.load().kernels[x.dtype]
+    kernels = library.load().kernels_for(x.dtype, c0.shape[2])
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
     steps, batch, _ = x.shape
@@ -228,7 +228,7 @@ def backward(
     """The C backward from what :func:`forward` returned for training, given the gradients
     of out, h_n, c_n and cells (``None``: zero). Returns the gradients of x, h0, c0,
     every param and every variant param, in that order, for those ``needs`` marks."""
-    kernels = library.load().kernels[x.dtype]
+    kernels = library.load().kernels_for(x.dtype, c0.shape[2])
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
     fields = layer_fields(x, h0, c0, params, lengths, out.contiguous(), None, None, cells)

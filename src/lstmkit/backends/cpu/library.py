@@ -82,6 +82,19 @@ class Library:
     native: bool  # tuned for this very CPU (-march=native)
     tier_reason: str  # why that tier, in words
     plan: machine.Plan  # the thresholds handed to the kernels
+    # kernel.c with machine.NARROW_BYTES vectors, where the tier's are wider (else empty)
+    narrow: dict[torch.dtype, Kernels]
+
+    def kernels_for(self, dtype: torch.dtype, hidden: int) -> Kernels:
+        """The plain kernels for a layer of ``hidden`` units (machine.narrow_pays); forward
+        and backward of one layer must take the same."""
+        narrow = self.narrow.get(dtype)
+        if narrow is not None:
+            item = dtype.itemsize
+            wide, lanes = self.tier.vector_bytes // item, machine.NARROW_BYTES // item
+            if machine.narrow_pays(hidden, wide, lanes):
+                return narrow
+        return self.kernels[dtype]
 
 
 _lock = threading.Lock()
@@ -166,7 +179,10 @@ def _load(target: str) -> tuple[Library, str | None]:
     cdll.lk_set_plan.restype = None
     cdll.lk_set_plan(PLAN.pack(*dataclasses.astuple(plan)))
     kernels = _kernels(cdll)
-    library = Library(path, origin, seconds, blas, kernels, cdll, tier, native, why_tier, plan)
+    narrow = _kernels(cdll, "_narrow") if tier.vector_bytes > machine.NARROW_BYTES else {}
+    library = Library(
+        path, origin, seconds, blas, kernels, cdll, tier, native, why_tier, plan, narrow
+    )
     return library, warning
 
 
@@ -263,17 +279,23 @@ def _open(path: Path) -> ctypes.CDLL:
     return cdll
 
 
-def _kernels(cdll: ctypes.CDLL) -> dict[torch.dtype, Kernels]:
+def _kernels(cdll: ctypes.CDLL, width: str = "") -> dict[torch.dtype, Kernels]:
+    """The entry points for each dtype; ``width`` "_narrow": kernel.c's narrow copy (with the
+    one variant.c, which has no second width)."""
     layer, grads = ctypes.c_char_p, ctypes.c_char_p  # packed LAYER and GRADS
     variant, variant_grads = ctypes.c_char_p, ctypes.c_char_p  # VARIANT and VARIANT_GRADS
     return {
         dtype: Kernels(
-            forward=_function(cdll, f"lk_forward_{suffix}", ctypes.c_int, [layer]),
-            backward=_function(cdll, f"lk_backward_{suffix}", ctypes.c_int, [layer, grads]),
-            saved_elems=_function(cdll, f"lk_saved_elems_{suffix}", ctypes.c_int64, [layer]),
-            packed_elems=_function(cdll, f"lk_packed_elems_{suffix}", ctypes.c_int64, [layer]),
-            tanh=_function(cdll, f"lk_tanh_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
-            sigmoid=_function(cdll, f"lk_sigmoid_{suffix}", None, [_ptr, _ptr, ctypes.c_int64]),
+            forward=_function(cdll, f"lk_forward_{suffix}{width}", ctypes.c_int, [layer]),
+            backward=_function(cdll, f"lk_backward_{suffix}{width}", ctypes.c_int, [layer, grads]),
+            saved_elems=_function(cdll, f"lk_saved_elems_{suffix}{width}", ctypes.c_int64, [layer]),
+            packed_elems=_function(
+                cdll, f"lk_packed_elems_{suffix}{width}", ctypes.c_int64, [layer]
+            ),
+            tanh=_function(cdll, f"lk_tanh_{suffix}{width}", None, [_ptr, _ptr, ctypes.c_int64]),
+            sigmoid=_function(
+                cdll, f"lk_sigmoid_{suffix}{width}", None, [_ptr, _ptr, ctypes.c_int64]
+            ),
             variant_forward=_function(
                 cdll, f"lk_variant_forward_{suffix}", ctypes.c_int, [layer, variant]
             ),

@@ -153,6 +153,22 @@ def plan(facts: Machine, tier: Tier) -> Plan:
     )
 
 
+NARROW_BYTES = 32  # the second vector width of a library whose tier's vectors are wider
+
+
+def narrow_pays(hidden: int, wide_lanes: int, narrow_lanes: int) -> bool:
+    """Whether a layer of ``hidden`` units runs with the narrower vectors: when padding its
+    units to whole wide vectors adds at least a quarter of them more than narrow ones do (20
+    units: 32 in 16-lane vectors, 24 in 8-lane ones; every gate, product and step of the layer
+    then does a quarter less work, more than the wider vectors give back on so few units).
+    With more units the wide vectors win even where they pad a little more."""
+
+    def padded(lanes: int) -> int:
+        return -(-hidden // lanes) * lanes
+
+    return 4 * (padded(wide_lanes) - padded(narrow_lanes)) >= hidden
+
+
 def describe(facts: Machine) -> list[str]:
     """The facts in words, a line each, for ``lstmkit backends``."""
     l3 = f"L3 {_size(facts.l3)} shared by {facts.l3_shared_by} CPUs" if facts.l3 else "no L3"

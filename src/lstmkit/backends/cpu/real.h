@@ -16,14 +16,23 @@
 typedef double real;
 typedef int64_t ival;
 typedef uint64_t uval;
-#define SUF(name) name##_f64
 #define BLAS_GEMM lk_dgemm
 #else
 typedef float real;
 typedef int32_t ival;
 typedef uint32_t uval;
-#define SUF(name) name##_f32
 #define BLAS_GEMM lk_sgemm
+#endif
+/* entry points: name_f32, name_f64; a second, narrower copy of kernel.c (LK_NARROW, see
+ * build.py) adds _narrow */
+#if LK_DOUBLE && defined(LK_NARROW)
+#define SUF(name) name##_f64_narrow
+#elif LK_DOUBLE
+#define SUF(name) name##_f64
+#elif defined(LK_NARROW)
+#define SUF(name) name##_f32_narrow
+#else
+#define SUF(name) name##_f32
 #endif
 
 #define V ((int64_t)(LK_VBYTES / sizeof(real))) /* lanes per vector */

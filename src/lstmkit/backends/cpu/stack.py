@@ -43,7 +43,7 @@ def forward(
     """Every layer forward. ``params`` is every layer's LayerWeights for every direction,
     flattened. Shape: x (L, N, H_in), h0 and c0 (num_layers*D, N, ·) -> output, h_n, c_n, and
     with ``training`` kept = the inputs of layers 1.., the cells and saved buffer of each."""
-    kernels = library.load().kernels[x.dtype]
+    kernels = library.load().kernels_for(x.dtype, c0.shape[2])
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
     steps, batch, _ = x.shape
@@ -95,7 +95,7 @@ def backward(
     """The C backward of each layer from the top, from what :func:`forward` returned for
     training. Returns the gradients of x, h0, c0 and every param, in that order, for those
     ``needs`` marks."""
-    kernels = library.load().kernels[x.dtype]
+    kernels = library.load().kernels_for(x.dtype, c0.shape[2])
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
     layers = len(params) // (5 * directions)
