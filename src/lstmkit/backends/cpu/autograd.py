@@ -112,16 +112,20 @@ def stack_grads(
     from what :func:`setup_stack` saved: the C backward, or the reference's as a graph."""
     x, h0, c0, lengths, out, *rest = ctx.saved_tensors
     params, kept = rest[: ctx.n_params], rest[ctx.n_params :]
+    layers = getattr(ctx, "layers", None)
+    if layers is not None:  # EagerStack's
+        kept = ctx.kept
     if torch.is_grad_enabled():
         with torch.enable_grad():
             outputs = reference_stack(x, h0, c0, params, lengths, ctx.directions)
         return _reference_grads(outputs, [d_out, d_h_n, d_c_n], [x, h0, c0, *params], needs)
     if not ctx.training:
         raise RuntimeError(NOT_TRAINED.format(what="stack"))
-    run = stack.backward if route.direct(x, False) else torch.ops.lstmkit.stack_backward
-    computed = run(
-        x, h0, c0, params, lengths, ctx.directions, out, kept, d_out, d_h_n, d_c_n, needs
-    )
+    arguments = (x, h0, c0, params, lengths, ctx.directions, out, kept, d_out, d_h_n, d_c_n, needs)
+    if route.direct(x, False):
+        computed = stack.backward(*arguments, layers)
+    else:
+        computed = torch.ops.lstmkit.stack_backward(*arguments)
     return _spread(computed, needs)
 
 
@@ -143,8 +147,14 @@ class EagerStack(torch.autograd.Function):
         directions: int,
         *params: Tensor | None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        out, h_n, c_n, kept = stack.forward(x, h0, c0, list(params), lengths, directions, True)
-        setup_stack(ctx, (x, h0, c0, params, lengths, directions, True), (out, h_n, c_n, kept))
+        layers: list[bytes] = []
+        out, h_n, c_n, kept = stack.forward(
+            x, h0, c0, list(params), lengths, directions, True, layers
+        )
+        # kept and layers are this node's own (nothing else holds or changes them): attributes,
+        # which cost less to keep and read back than saved tensors
+        setup_stack(ctx, (x, h0, c0, params, lengths, directions, True), (out, h_n, c_n, []))
+        ctx.kept, ctx.layers = kept, layers
         return out, h_n, c_n
 
     @staticmethod

@@ -13,6 +13,8 @@ per-layer sequences (see ``Backend.run_stack``).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor
 
@@ -39,13 +41,19 @@ def forward(
     lengths: Tensor | None,
     directions: int,
     training: bool,
+    layers: list[bytes] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """Every layer forward. ``params`` is every layer's LayerWeights for every direction,
     flattened. Shape: x (L, N, H_in), h0 and c0 (num_layers*D, N, ·) -> output, h_n, c_n, and
-    with ``training`` kept = the inputs of layers 1.., the cells and saved buffer of each."""
+    with ``training`` kept = the inputs of layers 1.., the cells and saved buffer of each.
+    ``layers``, if given, receives each layer's lk_layer, which :func:`backward` can take
+    instead of packing it again (while what it points to lives: x, params and the outputs)."""
     kernels = library.load().kernels_for(x.dtype, c0.shape[2])
+    given = (x, h0, c0, *params)
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
+    if layers is not None and not all(map(operator.is_, given, (x, h0, c0, *params))):
+        layers = None  # the layers would point into copies that die with this call
     steps, batch, _ = x.shape
     per_layer = 5 * directions
     h_size, hidden = h0.shape[2], c0.shape[2]
@@ -54,6 +62,7 @@ def forward(
     cells: list[Tensor] = []
     saved: list[Tensor] = []
     layer_input = x
+    per_row = saved_elems(x.dtype, hidden, h_size, proj_key(params[:per_layer])) if training else 0
     for first in range(0, len(params), per_layer):
         weights = params[first : first + per_layer]
         out = x.new_empty(steps, batch, directions * h_size)
@@ -62,14 +71,15 @@ def forward(
         fields = layer_fields(
             layer_input, h0, c0, weights, lengths, out, h_n, c_n, layer_cells, row
         )
-        if training:
-            rows = steps * batch * saved_elems(x.dtype, hidden, h_size, proj_key(weights))
-            saved.append(x.new_empty(rows))
+        if training:  # every layer has the first's projections, or none
+            saved.append(x.new_empty(steps * batch * per_row))
             fields[SAVED] = saved[-1].data_ptr()
             cells.append(layer_cells)
             if first > 0:
                 inputs.append(layer_input)
         layer = LAYER.pack(*fields)
+        if layers is not None:
+            layers.append(layer)
         if training and lengths is not None:
             saved[-1][kernels.saved_elems(layer) :].zero_()  # as function.forward does
         if forward_layer(kernels, layer, weights[0], steps, batch) != 0:
@@ -91,18 +101,19 @@ def backward(
     d_h_n: Tensor | None,
     d_c_n: Tensor | None,
     needs: list[bool],
+    layers: list[bytes] | None = None,
 ) -> list[Tensor]:
     """The C backward of each layer from the top, from what :func:`forward` returned for
-    training. Returns the gradients of x, h0, c0 and every param, in that order, for those
-    ``needs`` marks."""
+    training (and its ``layers``, if it was given them). Returns the gradients of x, h0, c0
+    and every param, in that order, for those ``needs`` marks."""
     kernels = library.load().kernels_for(x.dtype, c0.shape[2])
     x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
     params = contiguous(params)
-    layers = len(params) // (5 * directions)
+    count = len(params) // (5 * directions)
     inputs, cells, saved = (
-        [x, *kept[: layers - 1]],
-        kept[layers - 1 : 2 * layers - 1],
-        kept[2 * layers - 1 :],
+        [x, *kept[: count - 1]],
+        kept[count - 1 : 2 * count - 1],
+        kept[2 * count - 1 :],
     )
     outputs = [*inputs[1:], out.contiguous()]
     d_h0 = torch.empty_like(h0) if needs[1] else None
@@ -113,15 +124,19 @@ def backward(
     upstream = None if d_out is None else d_out.contiguous()
     per_layer = 5 * directions
     batch, item = x.shape[1], x.element_size()
-    for index in range(layers - 1, -1, -1):
+    for index in range(count - 1, -1, -1):
         layer_input = inputs[index]
         row = index * directions
         first = index * per_layer
-        weights = params[first : first + per_layer]
-        fields = layer_fields(
-            layer_input, h0, c0, weights, lengths, outputs[index], None, None, cells[index], row
-        )
-        fields[SAVED] = saved[index].data_ptr()
+        if not layers:
+            fields = layer_fields(
+                layer_input, h0, c0, params[first : first + per_layer], lengths, outputs[index],
+                None, None, cells[index], row,
+            )  # fmt: skip
+            fields[SAVED] = saved[index].data_ptr()
+            layer = LAYER.pack(*fields)
+        else:
+            layer = layers[index]  # forward's: it also names h_n and c_n, which backward ignores
         d_x = torch.empty_like(layer_input) if index > 0 or needs[0] else None
         h_offset = row * batch * h0.shape[2] * item
         c_offset = row * batch * c0.shape[2] * item
@@ -136,7 +151,7 @@ def backward(
             *addresses(d_params[first : first + per_layer]),
             *(NO_DIRECTION if directions == 1 else ()),
         )
-        if kernels.backward(LAYER.pack(*fields), grads) != 0:
+        if kernels.backward(layer, grads) != 0:
             raise MemoryError("lstmkit cpu backend: out of memory for the backward workspace")
         upstream = d_x
     wanted = [upstream if needs[0] else None, d_h0, d_c0, *d_params]
