@@ -179,7 +179,7 @@ def forward(
 def forward_layer(kernels: Kernels, layer: bytes, first: Tensor, steps: int, batch: int) -> int:
     """kernel.c's forward of ``layer`` (first weight ``first``); a short call with packed
     weights kept between calls (:mod:`.packing`). The kernel's status."""
-    if not packing.rows_keep_packed(steps, batch):
+    if steps * batch > packing.SHORT_ROWS:
         return kernels.forward(layer)
     layer, entry = packing.take(kernels, layer, first)
     try:

@@ -84,10 +84,17 @@ class Library:
     plan: machine.Plan  # the thresholds handed to the kernels
     # kernel.c with machine.NARROW_BYTES vectors, where the tier's are wider (else empty)
     narrow: dict[torch.dtype, Kernels]
+    chosen: dict[tuple[torch.dtype, int], Kernels] = dataclasses.field(default_factory=dict)
 
     def kernels_for(self, dtype: torch.dtype, hidden: int) -> Kernels:
         """The plain kernels for a layer of ``hidden`` units (machine.narrow_pays); forward
         and backward of one layer must take the same."""
+        chosen = self.chosen.get((dtype, hidden))
+        if chosen is None:
+            chosen = self.chosen[dtype, hidden] = self._kernels_for(dtype, hidden)
+        return chosen
+
+    def _kernels_for(self, dtype: torch.dtype, hidden: int) -> Kernels:
         narrow = self.narrow.get(dtype)
         if narrow is not None:
             item = dtype.itemsize

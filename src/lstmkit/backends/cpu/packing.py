@@ -43,22 +43,10 @@ class _Entry:
 
 
 _ADDRESS = struct.Struct("=Q")  # lk_layer's last field
-# layout (see _layout) -> entry, least recently added first
+# layout (see take) -> entry, least recently added first
 _entries: OrderedDict[bytes, _Entry] = OrderedDict()
 _bytes = 0
 _lock = threading.RLock()  # reentrant: a weight can die (and _forget run) inside _add
-
-
-def rows_keep_packed(steps: int, batch: int) -> bool:
-    """Whether a call of ``steps`` x ``batch`` rows keeps its packed weights between calls."""
-    return steps * batch <= SHORT_ROWS
-
-
-def _layout(layer: bytes) -> bytes:
-    """What of a packed lk_layer its buffer is found by: B, I, H, P, D (the size of the packed
-    layout follows from them, the dtype and the tier) and the weights' addresses (the layer;
-    a weight that dies takes its buffer with it, so an address used again finds none)."""
-    return layer[8:48] + layer[88:168]
 
 
 def take(kernels: Kernels, layer: bytes, first: Tensor) -> tuple[bytes, _Entry | None]:
@@ -66,7 +54,10 @@ def take(kernels: Kernels, layer: bytes, first: Tensor) -> tuple[bytes, _Entry |
     its layer, whose first weight is ``first``, and the buffer's entry, taken for this call
     (give it back with :func:`give`); ``layer`` as it is and ``None`` when this layer keeps
     nothing (the row path) or its buffer is in use."""
-    layout = _layout(layer)
+    # found by what of lk_layer the buffer follows from: B, I, H, P, D (the size of the packed
+    # layout follows from them, the dtype and the tier) and the weights' addresses (the layer;
+    # a weight that dies takes its buffer with it, so an address used again finds none)
+    layout = layer[8:48] + layer[88:168]
     entry = _entries.get(layout)
     if entry is None or entry.kernels is not kernels:
         elems = kernels.packed_elems(layer)
