@@ -107,8 +107,9 @@ def backward(
     training (and its ``layers``, if it was given them). Returns the gradients of x, h0, c0
     and every param, in that order, for those ``needs`` marks."""
     kernels = library.load().kernels_for(x.dtype, c0.shape[2])
-    x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
-    params = contiguous(params)
+    if not layers:  # else forward found all of them contiguous already
+        x, h0, c0 = x.contiguous(), h0.contiguous(), c0.contiguous()
+        params = contiguous(params)
     count = len(params) // (5 * directions)
     inputs, cells, saved = (
         [x, *kept[: count - 1]],
