@@ -126,7 +126,10 @@ def exporting() -> bool:
     ``torch.export`` (the exporter's second way to capture a model, tried when the first
     fails) the flag behind it is read too.
     """
-    if not (torch.jit.is_tracing() or torch.compiler.is_compiling()):
+    # torch._C._is_tracing: torch.jit.is_tracing without its check for TorchScript, which
+    # never compiles lstmkit; on every eager call, so the cheaper one (after is_compiling,
+    # which dynamo answers: it cannot trace the other)
+    if not (torch.compiler.is_compiling() or torch._C._is_tracing()):
         return False
     return torch.onnx.is_in_onnx_export() or getattr(_dynamo_flags, "_is_onnx_exporting", False)
 

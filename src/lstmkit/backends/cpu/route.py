@@ -12,7 +12,9 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 def direct(x: Tensor, training: bool) -> bool:
     """Whether a call on ``x`` may run the implementation; ``training``: autograd records it."""
-    if torch.compiler.is_compiling() or training or torch.jit.is_tracing():
+    # torch._C._is_tracing: torch.jit.is_tracing without its check for TorchScript, which
+    # never compiles lstmkit (after is_compiling, which dynamo answers: it cannot trace it)
+    if torch.compiler.is_compiling() or training or torch._C._is_tracing():
         return False
     return (
         type(x) is Tensor
