@@ -18,6 +18,7 @@ that finds it taken (another thread) packs into its workspace as without one.
 
 from __future__ import annotations
 
+import mmap
 import struct
 import threading
 import weakref
@@ -33,12 +34,16 @@ LIMIT_BYTES = 256 << 20
 
 
 class _Entry:
-    __slots__ = ("address", "buffer", "kernels", "lock")
+    __slots__ = ("address", "buffer", "kernels", "lock", "pages")
 
-    def __init__(self, kernels: Kernels, buffer: Tensor) -> None:
+    def __init__(self, kernels: Kernels, elems: int, dtype: torch.dtype) -> None:
         self.kernels = kernels  # the buffer's dtype and tier
-        self.buffer = buffer
-        self.address = _ADDRESS.pack(buffer.data_ptr())
+        # Pages of its own (zeros: nothing packed yet), not a block of the heap: long-lived
+        # blocks among the short-lived tensors of calls made the heap serve other calls' tensors
+        # worse (a sensor call after tutorial-2's training in the benchmark: 0.28 ms, not 0.23).
+        self.pages = mmap.mmap(-1, max(1, elems * dtype.itemsize))
+        self.buffer = torch.frombuffer(self.pages, dtype=dtype, count=elems)
+        self.address = _ADDRESS.pack(self.buffer.data_ptr())
         self.lock = threading.Lock()
 
 
@@ -76,10 +81,10 @@ def give(entry: _Entry | None) -> None:
 
 
 def _add(layout: bytes, first: Tensor, kernels: Kernels, elems: int) -> _Entry:
-    """A new zeroed buffer (its header says: nothing packed yet) for ``first``'s layer."""
+    """A new buffer for ``first``'s layer."""
     global _bytes
     _drop(layout)
-    entry = _Entry(kernels, torch.zeros(elems, dtype=first.dtype))
+    entry = _Entry(kernels, elems, first.dtype)
     _entries[layout] = entry
     weakref.finalize(first, _forget, layout, entry)
     _bytes += entry.buffer.numel() * entry.buffer.element_size()
