@@ -208,46 +208,8 @@ static int64_t panel_at(int64_t panel, int64_t rows, int64_t k, int64_t c)
 }
 
 /* dst[k ld_dst + v] = src[v ld_src + k] for k < K, v < V; zero for v >= lanes: V rows of src
- * (`lanes` of them real) written as K vectors, by tiles of V x V, every load and store a whole
- * vector. Every call packs its weights this way, so for a short call this is much of its time. */
-#if defined(__GNUC__) && !defined(__clang__)
-/* The tile in registers: log2(V) rounds, round b swapping the off-diagonal b x b blocks of every
- * 2b x 2b block, one two-vector shuffle per row (GCC's __builtin_shuffle: vpermt2ps and kin). */
-LK_INLINE void transpose_tile(vec r[V])
-{
-#pragma GCC unroll 8
-    for (int64_t b = V / 2; b >= 1; b /= 2) {
-        ivec lo, hi;
-        for (int64_t l = 0; l < V; l++) {
-            lo[l] = (ival)(l & b ? V + l - b : l);
-            hi[l] = (ival)(l & b ? V + l : l + b);
-        }
-#pragma GCC unroll 16
-        for (int64_t i = 0; i < V; i++)
-            if (!(i & b)) {
-                const vec a = r[i], c = r[i + b];
-                r[i] = __builtin_shuffle(a, c, lo);
-                r[i + b] = __builtin_shuffle(a, c, hi);
-            }
-    }
-}
-
-static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64_t K, real *dst,
-                           int64_t ld_dst)
-{
-    for (int64_t k0 = 0; k0 < K; k0 += V) {
-        const int64_t n = min64(V, K - k0);
-        vec r[V];
-#pragma GCC unroll 16
-        for (int64_t v = 0; v < V; v++)
-            r[v] = v < lanes ? vload_n(src + v * ld_src + k0, n) : splat(0);
-        transpose_tile(r);
-        for (int64_t j = 0; j < n; j++)
-            vstore(dst + (k0 + j) * ld_dst, r[j]);
-    }
-}
-#else
-/* Through a tile in memory (other compilers have no shuffle of run-time-built masks). */
+ * (`lanes` of them real) written as K vectors. By tiles of V x V through L1, so that every
+ * load and store is a whole vector, not one scattered element. */
 static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64_t K, real *dst,
                            int64_t ld_dst)
 {
@@ -264,7 +226,6 @@ static void transpose_rows(const real *src, int64_t ld_src, int64_t lanes, int64
         }
     }
 }
-#endif
 
 /* small: wt (I + P, Gp), row k the weights of input k (x_t, then h_{t-1}) for every gate
  * column: the V columns of gate q of unit block blk are V consecutive rows of torch's weights. */
