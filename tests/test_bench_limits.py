@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lstmkit.backends.cpu import machine
 from lstmkit.bench import limits, runner
 from lstmkit.bench.configs import BenchConfig
 from lstmkit.bench.timing import Budget
@@ -57,7 +58,7 @@ def test_cli_limits_reports_every_probe(capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_step_bound_reads_w_hh_at_the_rate_of_the_level_that_holds_it() -> None:
-    l1, l2 = limits.Stream(24, 24 * 1024 / 100e9), limits.Stream(256, 256 * 1024 / 50e9)
+    l1, l2 = limits.Stream(24, 24 * 1024 / 100e9, 32), limits.Stream(256, 256 * 1024 / 50e9, 32)
     streams = {24: l1, 256: l2}
     sensor = BenchConfig("sensor", 1000, 1, 8, 32)  # W_hh 4*4*32*32 = 16 KB: in the 24 KB level
     bound = limits.step_bound(sensor, streams, trip=100e-9)
@@ -70,3 +71,15 @@ def test_step_bound_reads_w_hh_at_the_rate_of_the_level_that_holds_it() -> None:
     assert limits.step_bound(big, streams, None).one_core_s == pytest.approx(256 * 1024 / 50e9)
     assert limits.step_bound(big, streams, None).two_cores_s is None
     assert limits.step_bound(TINY_BI, streams, trip=None) is None
+
+
+def test_probes_are_built_for_the_kernels_tier(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for tier in machine.TIERS:
+        if machine.machine().runs(tier) is not None:
+            continue  # this CPU cannot execute it: nothing to probe
+        monkeypatch.setenv("LSTMKIT_CPU_TARGET", tier.name)
+        (tmp_path / tier.name).mkdir()
+        library = limits.compile_probes(tmp_path / tier.name)
+        assert library.lk_vector_bytes() == tier.vector_bytes

@@ -1,7 +1,8 @@
 /* Probes of what one core of this machine can do, for `lstmkit bench --limits`: the limits the
- * batch-1 kernels run into. Plain C, compiled on demand with -O3 -march=native (limits.py).
+ * batch-1 kernels run into. Plain C, compiled on demand with the flags of the kernels' tier
+ * (limits.py), so its vectors are the tier's: LK_VBYTES bytes (lk_vector_bytes()).
  *
- * lk_stream_fma: passes over a buffer of n floats, each 32-byte vector of it feeding one FMA
+ * lk_stream_fma: passes over a buffer of n floats, each vector of it feeding one FMA
  * into one of 8 accumulators, so a pass is bound by FMA throughput when the buffer sits in L1
  * and by the bandwidth of the cache level that holds it otherwise: the inner loop of a batch-1
  * step, whose weights are read once per step. Returns seconds for `passes` passes.
@@ -16,7 +17,13 @@
 #include <string.h>
 #include <time.h>
 
-typedef float vec __attribute__((vector_size(32)));
+#ifndef LK_VBYTES
+#define LK_VBYTES 32
+#endif
+#define LANES (LK_VBYTES / 4)
+typedef float vec __attribute__((vector_size(LK_VBYTES)));
+
+int64_t lk_vector_bytes(void) { return LK_VBYTES; }
 
 #if defined(__x86_64__) || defined(__i386__)
 #define SPIN() __builtin_ia32_pause()
@@ -37,10 +44,10 @@ double lk_stream_fma(const float *buf, int64_t n, int64_t passes, float *sink)
     const vec scale = (vec){0} + 1.0f;
     const double start = now();
     for (int64_t p = 0; p < passes; p++) {
-        for (int64_t i = 0; i + 64 <= n; i += 64)
+        for (int64_t i = 0; i + 8 * LANES <= n; i += 8 * LANES)
             for (int j = 0; j < 8; j++) {
                 vec v;
-                memcpy(&v, buf + i + 8 * j, sizeof v);
+                memcpy(&v, buf + i + LANES * j, sizeof v);
                 acc[j] += scale * v;
             }
         __asm__ volatile("" : : : "memory"); /* every pass reads the buffer again */
@@ -48,7 +55,7 @@ double lk_stream_fma(const float *buf, int64_t n, int64_t passes, float *sink)
     const double seconds = now() - start;
     float total = 0;
     for (int j = 0; j < 8; j++)
-        for (int k = 0; k < 8; k++)
+        for (int k = 0; k < LANES; k++)
             total += acc[j][k];
     *sink = total; /* the sums are used, so the loads stay */
     return seconds;

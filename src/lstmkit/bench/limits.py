@@ -3,7 +3,8 @@
 Three measurements, each a median of repeats:
 
 - **Reading weights once per step** (``limits.c``'s ``lk_stream_fma``, one core): one FMA per
-  32-byte vector of a buffer held in L1, in L2 or in L3. In L1 this is the core's FMA rate; past
+  vector (the width of the kernels' tier: ``LSTMKIT_CPU_TARGET``, or the native one) of a
+  buffer held in L1, in L2 or in L3. In L1 this is the core's FMA rate; past
   it, the bandwidth of the level that holds the buffer. A batch-1 step reads all of ``W_hh``
   once, so the step cannot be faster than those bytes at the rate of the level they sit in
   (:func:`step_bound`; ``x W_ih^T`` for all steps at most runs at both cores' FMA rate).
@@ -20,7 +21,8 @@ Three measurements, each a median of repeats:
   ``autograd.Function`` pays at least this; timed interleaved with ``torch.nn.LSTM``'s real
   step, whose time over the floor is the most any such LSTM could be faster.
 
-The C part is compiled on demand into a temporary directory with the compiler the kernels use.
+The C part is compiled on demand into a temporary directory with the compiler and the tier's
+flags the kernels use (``build.target_flags``).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx
 
-from lstmkit.backends.cpu import build
+from lstmkit.backends.cpu import build, machine
 from lstmkit.bench.configs import BenchConfig, make_input
 from lstmkit.bench.runner import make_lstmkit
 from lstmkit.bench.timing import Budget, time_interleaved
@@ -46,7 +48,6 @@ from lstmkit.bench.timing import Budget, time_interleaved
 # Buffer sizes for the weight reads: in L1 (32 KB here), two in L2 (stream-128's W_hh on one
 # core, 256 KB, and its half on each of two, 128 KB) and one in L3 (stream-512's W_hh, 4 MB).
 STREAM_KB = (24, 128, 256, 4096)
-FLOPS_PER_FMA = 16  # one FMA on eight floats
 REPEATS = 7
 
 
@@ -56,6 +57,7 @@ class Stream:
 
     kb: int
     seconds_per_pass: float
+    vector_bytes: int  # one FMA per vector of this many bytes (2 flops a float)
 
     @property
     def gb_per_s(self) -> float:
@@ -63,7 +65,7 @@ class Stream:
 
     @property
     def gflops(self) -> float:
-        return self.kb * 1024 / 32 * FLOPS_PER_FMA / self.seconds_per_pass / 1e9
+        return self.kb * 1024 / 4 * 2 / self.seconds_per_pass / 1e9  # an FMA per float
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,9 @@ def compile_probes(directory: Path) -> ctypes.CDLL:
         raise build.BuildError("no C compiler found (set CC, or install gcc)")
     source = resources.files("lstmkit.bench").joinpath("limits.c")
     target = directory / "limits.so"
+    flags = build.target_flags(*machine.select(machine.machine())[:2])
     with resources.as_file(source) as path:
-        command = [compiler, "-O3", "-march=native", "-shared", "-fPIC", str(path)]
+        command = [compiler, "-O3", *flags, "-shared", "-fPIC", str(path)]
         done = subprocess.run(
             [*command, "-o", str(target), "-lpthread"], capture_output=True, text=True
         )
@@ -105,6 +108,8 @@ def compile_probes(directory: Path) -> ctypes.CDLL:
         ctypes.c_int64,
         ctypes.POINTER(ctypes.c_float),
     ]
+    library.lk_vector_bytes.restype = ctypes.c_int64
+    library.lk_vector_bytes.argtypes = []
     library.lk_round_trip.restype = ctypes.c_double
     library.lk_round_trip.argtypes = [ctypes.c_int64]
     return library
@@ -122,7 +127,7 @@ def stream(library: ctypes.CDLL, kb: int, seconds: float = 0.05) -> Stream:
         library.lk_stream_fma(address, count, passes, ctypes.byref(sink)) / passes
         for _ in range(REPEATS)
     ]
-    return Stream(kb, statistics.median(times))
+    return Stream(kb, statistics.median(times), library.lk_vector_bytes())
 
 
 def round_trip(library: ctypes.CDLL, trips: int = 20000) -> float | None:
@@ -233,12 +238,16 @@ def step_bound(
 
 def measure(configs: list[BenchConfig], budget: Budget) -> Iterator[str]:
     """The report, line by line, as each measurement finishes."""
-    yield "one core, one FMA per 32-byte vector read (limits.c), median of 7 repeats:"
     streams: dict[int, Stream] = {}
     trip = None
     try:
         with tempfile.TemporaryDirectory(prefix="lstmkit-limits-") as directory:
             library = compile_probes(Path(directory))
+            tier = machine.select(machine.machine())[0].name
+            yield (
+                f"one core, one FMA per {library.lk_vector_bytes()}-byte vector read (limits.c, "
+                f"built for the kernels' tier, {tier}), median of {REPEATS} repeats:"
+            )
             for kb in STREAM_KB:
                 s = streams[kb] = stream(library, kb)
                 yield (
