@@ -265,30 +265,27 @@ def check_parameters(
     if variants is not None:
         flat += [t for layer in variants for v in layer for t in v[:_VARIANT_PARAMETERS]]
     first = flat[0]
+    present = [t for t in flat if t is not None]
     seen = _passed.get(id(first))
-    if (
+    same = (
         seen is not None
         and seen[0]() is first
         and seen[1] is spec
         and seen[2] is like.dtype
         and seen[3] == like.device
         and all(map(operator.is_, seen[4], flat[1:]))
-    ):
-        present = [t for t in flat if t is not None]
-        if any(guard(*present) for guard in seen[5]):
-            return
+    )
+    if same and any(guard(*present) for guard in seen[5]):
+        return
     _check_parameters(weights, variants, spec, like)
     if not isinstance(first, Tensor):
         return
-    present = [t for t in flat if t is not None]
     guard = _guard(present)
     if guard is None:
         return  # no guard in this torch: every call checks in full
-    guards = [guard]
-    if seen is not None and seen[0]() is first and all(map(operator.is_, seen[4], flat[1:])):
-        # the same tensors in another state passed too (another dispatch state, such as
-        # inference mode or autocast, which the guards include): keep the last few
-        guards += seen[5][: _GUARDS - 1]
+    # the same tensors may have passed in another state too (another dispatch state, such as
+    # inference mode or autocast, which the guards include): keep the last few
+    guards = [guard, *(seen[5][: _GUARDS - 1] if same else ())]
     _remember(first, (spec, like.dtype, like.device, tuple(flat[1:]), guards))
     if isinstance(weights, ParameterLists):
         weights.checked = (spec, like.dtype, like.device, variants, tuple(present), guards)
