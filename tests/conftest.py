@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +30,20 @@ def cpu_tier(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
 # Golden files: tests/golden/* and the docs' generated diagrams are compared, never rewritten,
 # unless pytest runs with --regen-golden (then review the diff before committing).
+@pytest.fixture(params=["own", "blas"])
+def gemm_choice(request: pytest.FixtureRequest, cpu_tier: str) -> Iterator[str]:
+    """Each GEMM the tuner chooses between (lstmkit's own, the BLAS torch carries), forced for
+    every dtype of the tier's library for one test; the choice kept before is restored after."""
+    from lstmkit.backends.cpu import library
+
+    before = library.load().gemm
+    words = library.configure(gemm=dict.fromkeys(library.DTYPES, request.param)).blas
+    own = words.startswith("lstmkit's own")
+    assert own == (request.param == "own" or library.blas_found() is None), words
+    yield request.param
+    library.configure(gemm=before)
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
         "--regen-golden",

@@ -177,21 +177,14 @@ def test_kept_workspace_does_not_leak_into_variant_calls(
         assert torch.equal(a, e), f"result {k}: differs after the workspace was poisoned"
 
 
-@pytest.fixture
-def builtin_gemm():
-    """The kernels' own GEMM loop instead of the BLAS, for one test."""
-    yield library.use_builtin_gemm(True)
-    library.use_builtin_gemm(False)
-
-
 @pytest.mark.parametrize(
     "layer",
     [BY_NAME[n] for n in ("tiny", "lengths-proj-cells", "batch-1-gemm")],
     ids=lambda c: c.name,
 )
-def test_matches_reference_without_blas(cpu_tier: str, layer: Layer, builtin_gemm: str) -> None:
-    assert "own GEMM loop" in builtin_gemm
+def test_matches_reference_with_each_gemm(cpu_tier: str, layer: Layer, gemm_choice: str) -> None:
     run_both(layer, torch.float64)
+    run_both(layer, torch.float32)
 
 
 def one_and_two_threads(layer: Layer, dtype: torch.dtype = torch.float32) -> list[list[Tensor]]:

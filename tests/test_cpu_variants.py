@@ -13,7 +13,6 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import lstmkit
 from compare import assert_close
 from lstmkit import backends
-from lstmkit.backends.cpu import library
 
 VARIANTS = {
     "layer-norm": {"layer_norm": True},
@@ -153,17 +152,9 @@ def test_matches_reference_on_two_threads(
     compare(monkeypatch, lstm, THREADED_BATCH, [STEPS] * 40 + [5, 3, 2, 0] * 2)
 
 
-@pytest.fixture
-def builtin_gemm():
-    """The kernels' own GEMM loop instead of the BLAS, for one test."""
-    yield library.use_builtin_gemm(True)
-    library.use_builtin_gemm(False)
-
-
-def test_matches_reference_without_blas(
-    cpu_tier: str, monkeypatch: pytest.MonkeyPatch, builtin_gemm: str
+def test_matches_reference_with_each_gemm(
+    cpu_tier: str, monkeypatch: pytest.MonkeyPatch, gemm_choice: str
 ) -> None:
-    assert "own GEMM loop" in builtin_gemm
     lstm = make_module({**SHAPES["bi-two-layers-proj"], **VARIANTS["all"]}, torch.float64)
     compare(monkeypatch, lstm, BATCH, LENGTHS)
 

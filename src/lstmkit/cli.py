@@ -11,7 +11,14 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("lstmkit.demo", "run the tutorial's two examples and check their identities"),
     "backends": ("lstmkit.backends.report", "list the backends and which one each call uses"),
-    "warmup": ("lstmkit.backends.warmup", "do every backend's one-time work (compiling) now"),
+    "warmup": (
+        "lstmkit.backends.warmup",
+        "do every backend's one-time work (compiling, tuning) now",
+    ),
+    "tune": (
+        "lstmkit.backends.cpu.tuner",
+        "measure the cpu kernels' choices on this machine again",
+    ),
     "explain": ("lstmkit.explain.cli", "every shape, parameter and pitfall of an LSTM, checked"),
     "bench": ("lstmkit.bench.runner", "check, then time, lstmkit against torch.nn.LSTM"),
 }

@@ -19,7 +19,17 @@ from torch._C._functorch import TransformType
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
 from lstmkit.backends import Backend, Request
-from lstmkit.backends.cpu import autograd, build, function, library, machine, ops, route, stack
+from lstmkit.backends.cpu import (
+    autograd,
+    build,
+    function,
+    library,
+    machine,
+    ops,
+    route,
+    stack,
+    tuner,
+)
 from lstmkit.backends.cpu.variants import variant_lists
 from lstmkit.reference import LayerWeights, Variant
 
@@ -58,7 +68,11 @@ class CpuBackend(Backend):
     def details(self) -> list[str]:
         lines = machine.describe(machine.machine())
         if library.failure() is None:
-            lines += [f"plan: {line}" for line in library.load().plan.describe()]
+            loaded = library.load()
+            lines += [f"plan: {line}" for line in loaded.plan.describe()]
+            lines.append(f"choices: {loaded.tuning}")
+            kept = tuner.stored(loaded.path)[0]
+            lines += [f"  {line}" for line in kept.describe()] if kept is not None else []
         return lines
 
     def unavailable_reason(self, request: Request) -> str | None:
@@ -77,7 +91,10 @@ class CpuBackend(Backend):
             loaded = library.load()
         except build.BuildError as error:
             return f"cannot build the kernels: {error}"
-        return f"kernels {loaded.origin}; GEMM: {loaded.blas}"
+        if tuner.stored(loaded.path)[0] is None:
+            tuner.tune(progress=lambda line: print(f"cpu: tuning: {line}...", flush=True))
+            loaded = library.load()
+        return f"kernels {loaded.origin}; GEMM: {loaded.blas}; {loaded.tuning}"
 
     def run_layer(
         self,

@@ -42,14 +42,17 @@ from pathlib import Path
 from lstmkit.backends.cpu import machine
 
 SOURCE_DIR = Path(__file__).resolve().parent
-HEADERS = ("lstm.h", "real.h")
-# (source, extra flags, object name): kernel.c and variant.c are compiled once per element type.
+HEADERS = ("lstm.h", "real.h", "gemm.h")
+# (source, extra flags, object name): kernel.c, variant.c and gemm.c are compiled once per element
+# type.
 UNITS = (
     ("lstm.c", (), "lstm.o"),
     ("kernel.c", ("-DLK_DOUBLE=0",), "kernel_f32.o"),
     ("kernel.c", ("-DLK_DOUBLE=1",), "kernel_f64.o"),
     ("variant.c", ("-DLK_DOUBLE=0",), "variant_f32.o"),
     ("variant.c", ("-DLK_DOUBLE=1",), "variant_f64.o"),
+    ("gemm.c", ("-DLK_DOUBLE=0",), "gemm_f32.o"),
+    ("gemm.c", ("-DLK_DOUBLE=1",), "gemm_f64.o"),
 )
 # With vectors wider than 32 bytes, kernel.c once more with 32-byte ones (symbols *_narrow): a
 # layer of few units pads them to fewer lanes (see machine.narrow_pays).
@@ -77,6 +80,7 @@ SANITIZE_ENV = "LSTMKIT_SANITIZE"
 LIBRARIES = ("-lm",)
 PREFIX = "lstmkit_cpu_"
 RECORD_SUFFIX = ".sha256"
+TUNING_SUFFIX = ".tune.json"  # the tuner's choices beside a library
 STALE_DAYS = 30
 # What a cached build consists of, in the cache key: 2 is a library with its record, so that a
 # build of an older lstmkit, which has none, is not taken for a damaged one.
@@ -238,8 +242,8 @@ def mark_used(path: Path) -> None:
 
 
 def prune(directory: Path, max_age_days: float = STALE_DAYS) -> list[Path]:
-    """Remove the builds in ``directory`` not used for ``max_age_days``, and the records as old
-    whose library is gone; returns them.
+    """Remove the builds in ``directory`` not used for ``max_age_days``, and the records and
+    tunings as old whose library is gone; returns them.
 
     A process that still has one loaded keeps its mapping: removing the file is safe. A record
     is written just before its library is renamed into place, so a young record without its
@@ -253,6 +257,10 @@ def prune(directory: Path, max_age_days: float = STALE_DAYS) -> list[Path]:
         library = record.with_name(record.name.rsplit(".", 2)[0])
         if not library.exists() and _remove_if_older(record, cutoff):
             removed.append(record)
+    for tuning in directory.glob(f"{PREFIX}*.so{TUNING_SUFFIX}"):  # lstmkit.backends.cpu.tuner
+        library = tuning.with_name(tuning.name[: -len(TUNING_SUFFIX)])
+        if not library.exists() and _remove_if_older(tuning, cutoff):
+            removed.append(tuning)
     return removed
 
 

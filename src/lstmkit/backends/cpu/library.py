@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lstmkit import env
-from lstmkit.backends.cpu import build, machine
+from lstmkit.backends.cpu import build, machine, tuner
 
 _ptr = ctypes.c_void_p
 
@@ -50,7 +50,10 @@ GRADS = struct.Struct("=17Q")
 VARIANT = struct.Struct("=10Q2d10Q2d")
 VARIANT_GRADS = struct.Struct("=14Q")
 # lk_plan: machine.Plan's fields as doubles, in its order.
-PLAN = struct.Struct("=5d")
+PLAN = struct.Struct(f"={len(dataclasses.fields(machine.Plan))}d")
+GEMM_ENV = "LSTMKIT_GEMM"  # "own" or "blas": the GEMM for every dtype, whatever was tuned
+GEMMS = ("own", "blas")
+DTYPES = (torch.float32, torch.float64)
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Library:
     plan: machine.Plan  # the thresholds handed to the kernels
     # kernel.c with machine.NARROW_BYTES vectors, where the tier's are wider (else empty)
     narrow: dict[torch.dtype, Kernels]
+    gemm: dict[torch.dtype, str]  # per dtype "own" (lstmkit's, gemm.h) or "blas"
+    tuning: str  # where the choices come from, in words (lstmkit.backends.cpu.tuner)
     chosen: dict[tuple[torch.dtype, int], Kernels] = dataclasses.field(default_factory=dict)
 
     def kernels_for(self, dtype: torch.dtype, hidden: int) -> Kernels:
@@ -180,15 +185,36 @@ def _load(target: str) -> tuple[Library, str | None]:
             f"temporary directory {path.parent} for this process instead (removed at exit); "
             "set LSTMKIT_CACHE_DIR to a writable directory to build them once."
         )
-    blas = _set_blas(cdll, builtin=False)
     plan = machine.plan(machine.machine(), tier)
-    cdll.lk_set_plan.argtypes = [ctypes.c_char_p]
-    cdll.lk_set_plan.restype = None
-    cdll.lk_set_plan(PLAN.pack(*dataclasses.astuple(plan)))
+    gemm = {dtype: "blas" for dtype in DTYPES}
+    kept, tuning = tuner.stored(path)
+    if kept is not None:
+        plan = kept.applied_to(plan)
+        gemm = kept.gemm_choice()
+    forced = env.read(GEMM_ENV)
+    if forced:
+        if forced not in GEMMS:
+            raise ValueError(f"{GEMM_ENV}={forced!r} is not a GEMM; known: {', '.join(GEMMS)}")
+        gemm = {dtype: forced for dtype in DTYPES}
+        tuning += f"; GEMM {forced} for every dtype as {GEMM_ENV} asks"
+    blas = _set_blas(cdll, gemm)
+    _set_plan(cdll, plan)
     kernels = _kernels(cdll)
     narrow = _kernels(cdll, "_narrow") if tier.vector_bytes > machine.NARROW_BYTES else {}
     library = Library(
-        path, origin, seconds, blas, kernels, cdll, tier, native, why_tier, plan, narrow
+        path,
+        origin,
+        seconds,
+        blas,
+        kernels,
+        cdll,
+        tier,
+        native,
+        why_tier,
+        plan,
+        narrow,
+        gemm,
+        tuning,
     )
     return library, warning
 
@@ -328,29 +354,66 @@ def _function(cdll: ctypes.CDLL, name: str, restype: object, argtypes: list) -> 
 
 
 def use_builtin_gemm(builtin: bool) -> str:
-    """Make the kernels call their own GEMM loop (``True``) or the BLAS found (``False``).
+    """Make the kernels call lstmkit's own GEMM (``True``) or the BLAS found (``False``), for
+    every dtype. Returns the choice in words. The tests use it to cover both."""
+    choice = "own" if builtin else "blas"
+    return configure(gemm={dtype: choice for dtype in DTYPES}).blas
 
-    Returns the choice in words. The tests use it to cover both.
-    """
+
+def configure(
+    gemm: dict[torch.dtype, str] | None = None,
+    plan: machine.Plan | None = None,
+    tuning: str | None = None,
+) -> Library:
+    """The loaded library for the current target, with its GEMMs (per dtype "own" or "blas")
+    and its plan set to these where given. The tuner measures its candidates so, and the
+    tests force each. Returns the library as now configured."""
     target = current_target()
     library = load(target)
     with _lock:
-        library = dataclasses.replace(library, blas=_set_blas(library.cdll, builtin))
+        library = _libraries[target]
+        if gemm is not None:
+            chosen = {**library.gemm, **gemm}
+            blas = _set_blas(library.cdll, chosen)
+            library = dataclasses.replace(library, gemm=chosen, blas=blas)
+        if plan is not None:
+            _set_plan(library.cdll, plan)
+            library = dataclasses.replace(library, plan=plan)
+        if tuning is not None:
+            library = dataclasses.replace(library, tuning=tuning)
         _libraries[target] = library
-    return library.blas
+    return library
 
 
-def _set_blas(cdll: ctypes.CDLL, builtin: bool) -> str:
+def _set_blas(cdll: ctypes.CDLL, gemm: dict[torch.dtype, str]) -> str:
+    """Hands the kernels the GEMM of each dtype (the BLAS's where asked and found, else
+    lstmkit's own); returns the choice in words."""
     cdll.lk_set_blas.argtypes = [_ptr, _ptr, _ptr]  # addresses: 64 bits, not a C int
     cdll.lk_set_blas.restype = None
-    found = None if builtin else _find_blas()
-    if found is None:
+    found = _find_blas()
+    wants = [gemm.get(dtype, "blas") == "blas" for dtype in DTYPES]
+    if found is None or not any(wants):
         cdll.lk_set_blas(None, None, None)
-        why = "as asked" if builtin else "no working sgemm_/dgemm_ in torch's libraries"
-        return f"lstmkit's own GEMM loop ({why})"
+        why = "no working sgemm_/dgemm_ in torch's libraries" if found is None else "chosen"
+        return f"lstmkit's own (gemm.h; {why})"
     sgemm, dgemm, threads, where = found
-    cdll.lk_set_blas(sgemm, dgemm, threads)
-    return where
+    cdll.lk_set_blas(sgemm if wants[0] else None, dgemm if wants[1] else None, threads)
+    if all(wants):
+        return where
+    own = " and ".join(str(d).split(".")[-1] for d, w in zip(DTYPES, wants) if not w)
+    return f"lstmkit's own for {own} (gemm.h; chosen), else {where}"
+
+
+def blas_found() -> str | None:
+    """The BLAS the kernels can call, in words, or ``None`` if torch's libraries have none."""
+    found = _find_blas()
+    return None if found is None else found[3]
+
+
+def _set_plan(cdll: ctypes.CDLL, plan: machine.Plan) -> None:
+    cdll.lk_set_plan.argtypes = [ctypes.c_char_p]
+    cdll.lk_set_plan.restype = None
+    cdll.lk_set_plan(PLAN.pack(*dataclasses.astuple(plan)))
 
 
 @functools.cache

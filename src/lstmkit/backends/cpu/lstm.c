@@ -6,13 +6,30 @@ lk_sgemm_fn lk_sgemm;
 lk_dgemm_fn lk_dgemm;
 lk_blas_threads_fn lk_blas_threads;
 
-/* Fortran sgemm_/dgemm_ (LP64) of an already loaded library, or NULL for the built-in loop,
- * and the BLAS's per-thread thread-count setter (may be NULL). */
+/* The GEMMs' thread count for the calling thread: lstmkit's own (gemm.h), and the BLAS's with
+ * its per-thread setter when it has one (MKL_Set_Num_Threads_Local). The two are always set
+ * together, so the old count returned for restoring is the own one (0: never set, which the own
+ * GEMM reads as one thread and MKL as its global setting). */
+static _Thread_local int own_gemm_threads;
+static lk_blas_threads_fn blas_set_threads;
+static int gemm_set_threads(int threads)
+{
+    const int old = own_gemm_threads;
+    own_gemm_threads = threads;
+    if (blas_set_threads != NULL)
+        blas_set_threads(threads);
+    return old;
+}
+int lk_gemm_threads(void) { return own_gemm_threads > 0 ? own_gemm_threads : 1; }
+
+/* Fortran sgemm_/dgemm_ (LP64) of an already loaded library, each NULL for lstmkit's own GEMM
+ * (gemm.h), and the BLAS's per-thread thread-count setter (may be NULL). */
 void lk_set_blas(void *sgemm, void *dgemm, void *threads)
 {
     lk_sgemm = (lk_sgemm_fn)sgemm;
     lk_dgemm = (lk_dgemm_fn)dgemm;
-    lk_blas_threads = (lk_blas_threads_fn)threads;
+    blas_set_threads = (lk_blas_threads_fn)threads;
+    lk_blas_threads = gemm_set_threads;
 }
 
 /* Sizes of the structures Python packs, checked when the library is loaded. */
@@ -24,7 +41,7 @@ int lk_plan_bytes(void) { return (int)sizeof(lk_plan); }
 
 /* ---- the plan's machine-derived thresholds (see lk_plan in lstm.h) ---- */
 
-lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7};
+lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7, 0.0};
 
 /* Called once, when Python loads the library, before any kernel runs. */
 void lk_set_plan(const lk_plan *plan) { lk_planned = *plan; }

@@ -31,6 +31,8 @@ typedef struct {
     double pass_bytes;   /* panel path: bytes of a weight panel per pass, kept in L2 */
     double serial_flops; /* below this many flops a call runs on one thread: waking a second
                             one costs more than it saves, much more when a core is taken */
+    double one_team;     /* nonzero: two directions share one team of every thread, one
+                            direction after the other, instead of a team each side by side */
 } lk_plan;
 extern lk_plan lk_planned;
 
@@ -82,6 +84,9 @@ extern lk_dgemm_fn lk_dgemm;
  * one, 0 meaning "the global setting"), or NULL if the BLAS has no such control. */
 typedef int (*lk_blas_threads_fn)(int);
 extern lk_blas_threads_fn lk_blas_threads;
+/* lk_blas_threads sets the BLAS's and lstmkit's own GEMM's (gemm.h) thread counts for the
+ * calling thread; this reads the own one (1 until set). */
+int lk_gemm_threads(void);
 
 /* ---- a barrier for one team: sense-reversing, spinning, yielding when a core is taken ---- */
 
@@ -251,8 +256,9 @@ static inline int lk_threads(const lk_layer *a, double flops)
     return flops < lk_planned.serial_flops ? 1 : n;
 }
 
-/* Teams: two directions on two or more threads run side by side, each with half the threads;
- * otherwise one team runs the directions one after the other. */
+/* Teams: two directions on two or more threads run side by side, each with half the threads
+ * (unless the plan says one_team: the tuner measured that faster here); otherwise one team runs
+ * the directions one after the other. */
 typedef struct {
     int teams, size;
 } lk_teams;
@@ -260,7 +266,7 @@ typedef struct {
 static inline lk_teams lk_make_teams(int64_t D, int threads)
 {
     lk_teams t = {1, threads};
-    if (D == 2 && threads >= 2) {
+    if (D == 2 && threads >= 2 && lk_planned.one_team == 0) {
         t.teams = 2;
         t.size = threads / 2;
     }

@@ -122,6 +122,7 @@ class Plan:
     fuse_bytes: float  # batch 1: W_ih read inside the step where it fits L1d
     pass_bytes: float  # panel path: bytes of a weight panel per pass, kept in L2
     serial_flops: float  # below this many flops a call runs on one thread
+    one_team: float = 0.0  # nonzero: two directions share one team (tuned), else a team each
 
     def describe(self) -> list[str]:
         return [
@@ -133,6 +134,12 @@ class Plan:
             "of L2, which keeps it there beside the rows and gates)",
             f"calls below {self.serial_flops:.3g} flops run on one thread (about a millisecond "
             "of one core's work at the tier's vector width: a second thread costs more there)",
+            "two directions on two or more threads run "
+            + (
+                "one after the other, each on every thread"
+                if self.one_team
+                else "side by side, each on its own half of the threads"
+            ),
         ]
 
 

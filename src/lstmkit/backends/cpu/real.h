@@ -338,6 +338,8 @@ static inline int64_t sum_levels(int64_t count)
     return k;
 }
 
+#include "gemm.h"
+
 /* ---- GEMM on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C ---- */
 
 static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, real alpha,
@@ -354,7 +356,10 @@ static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
         BLAS_GEMM(&tb, &ta, &mm, &nn, &kk, &alpha, B, &la, A, &lb, &beta, C, &lc);
         return;
     }
-    /* Without a BLAS: a plain loop, rows split across threads when there is enough work. */
+    if (k > 0 && own_gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) == 0)
+        return;
+    /* Without k, or without memory for the own GEMM's buffers: a plain loop, rows split across
+     * threads when there is enough work. */
 #pragma omp parallel for schedule(static) if ((double)m * n * k > 1e7)
     for (int64_t i = 0; i < m; i++) {
         real *c = C + i * ldc;
