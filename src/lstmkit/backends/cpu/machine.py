@@ -132,8 +132,9 @@ class Plan:
             f"{_size(int(self.fuse_bytes))}",
             f"panels pass over {_size(int(self.pass_bytes))} of a weight at a time (an eighth "
             "of L2, which keeps it there beside the rows and gates)",
-            f"calls below {self.serial_flops:.3g} flops run on one thread (about a millisecond "
-            "of one core's work at the tier's vector width: a second thread costs more there)",
+            f"calls below {self.serial_flops:.3g} flops run on one thread (a second thread "
+            "costs more there; measured where tuned, else about a millisecond of one core's "
+            "work at the tier's vector width)",
             "two directions on two or more threads run "
             + (
                 "one after the other, each on every thread"

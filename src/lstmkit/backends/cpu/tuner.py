@@ -81,9 +81,16 @@ class Tuning:
             times = self.measured.get(f"gemm {name}", {})
             lines.append(f"GEMM {name}: {choice} ({_times(times)})")
         if self.serial_flops is not None:
+            threads = self.measured.get("threads", {})
+            pairs = [
+                f"H={size} {threads[f'H={size} 1 thread'] * 1e3:.3g}/"
+                f"{threads[f'H={size} {self.threads} threads'] * 1e3:.3g} ms"
+                for size in _sizes(threads)
+            ]
             lines.append(
-                f"one thread below {self.serial_flops:.3g} flops "
-                f"({_times(self.measured.get('threads', {}))})"
+                f"one thread below {self.serial_flops:.3g} flops (one thread/{self.threads}: "
+                + ", ".join(pairs)
+                + ")"
             )
         if self.one_team is not None:
             choice = "one team, one direction after the other" if self.one_team else "a team each"
@@ -93,6 +100,12 @@ class Tuning:
 
 def _times(times: dict[str, float]) -> str:
     return ", ".join(f"{option} {seconds * 1e3:.3g} ms" for option, seconds in times.items())
+
+
+def _sizes(threads: dict[str, float]) -> list[int]:
+    """The hidden sizes timed on one thread and on more, in the order measured."""
+    sizes = [int(key.split()[0][2:]) for key in threads if key.endswith(" 1 thread")]
+    return [size for size in sizes if any(k.startswith(f"H={size} ") for k in threads)]
 
 
 def path_for(library_path: Path) -> Path:
