@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmkit import checks, functional, reference
+from lstmkit import backends, checks, functional, reference
 from lstmkit.reference import LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 from lstmkit.streaming import Stream
@@ -439,11 +439,27 @@ class LSTMCell(nn.Module):
             h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
             h, c = self._check_states(hx, batched, x)
-        weights = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
-        h, c = reference.lstm_step(reference.project_input(x, weights), h, c, weights)
+        h, c = self._step(x, h, c)
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
+
+    def _step(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """h', c' from x (N, H_in), h and c (N, H): fused by the cpu backend where it is
+        chosen and the call is plain eager code (see lstmkit.backends.cpu.cell), else the
+        reference's torch ops (CUDA, other dtypes, torch.compile, torch.func, tracing)."""
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad or h.requires_grad or c.requires_grad or self.weight_ih.requires_grad
+        )
+        request = backends.Request(x.device.type, x.dtype, requires_grad, False, False, False)
+        if backends.choose(request).name == "cpu":
+            from lstmkit.backends.cpu import cell
+
+            if cell.usable(x):
+                w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+                return cell.step(x, h, c, *w)
+        weights = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        return reference.lstm_step(reference.project_input(x, weights), h, c, weights)
 
     def _where(self) -> str:
         return f" [{self}]"

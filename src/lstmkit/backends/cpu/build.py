@@ -43,8 +43,8 @@ from lstmkit.backends.cpu import machine
 
 SOURCE_DIR = Path(__file__).resolve().parent
 HEADERS = ("lstm.h", "real.h", "gemm.h")
-# (source, extra flags, object name): kernel.c, variant.c and gemm.c are compiled once per element
-# type.
+# (source, extra flags, object name): kernel.c, variant.c, gemm.c and cell.c are compiled once per
+# element type.
 UNITS = (
     ("lstm.c", (), "lstm.o"),
     ("kernel.c", ("-DLK_DOUBLE=0",), "kernel_f32.o"),
@@ -53,6 +53,8 @@ UNITS = (
     ("variant.c", ("-DLK_DOUBLE=1",), "variant_f64.o"),
     ("gemm.c", ("-DLK_DOUBLE=0",), "gemm_f32.o"),
     ("gemm.c", ("-DLK_DOUBLE=1",), "gemm_f64.o"),
+    ("cell.c", ("-DLK_DOUBLE=0",), "cell_f32.o"),
+    ("cell.c", ("-DLK_DOUBLE=1",), "cell_f64.o"),
 )
 # With vectors wider than 32 bytes, kernel.c once more with 32-byte ones (symbols *_narrow): a
 # layer of few units pads them to fewer lanes (see machine.narrow_pays).

@@ -32,6 +32,7 @@ from lstmkit import env
 from lstmkit.backends.cpu import build, machine, tuner
 
 _ptr = ctypes.c_void_p
+_int = ctypes.c_int64
 
 # lk_layer and lk_grads of lstm.h, packed: every field is 8 bytes, sizes int64 and addresses
 # uint64 (0 for NULL). Packing a struct.Struct costs well under a microsecond, building a
@@ -69,6 +70,8 @@ class Kernels:
     variant_forward: ctypes._CFuncPtr
     variant_backward: ctypes._CFuncPtr
     variant_saved_elems: ctypes._CFuncPtr
+    cell_forward: ctypes._CFuncPtr  # cell.c, the pointwise step of lstmkit.LSTMCell
+    cell_backward: ctypes._CFuncPtr
 
 
 @dataclass(frozen=True)
@@ -340,6 +343,12 @@ def _kernels(cdll: ctypes.CDLL, width: str = "") -> dict[torch.dtype, Kernels]:
             ),
             variant_saved_elems=_function(
                 cdll, f"lk_variant_saved_elems_{suffix}", ctypes.c_int64, [layer, variant]
+            ),
+            cell_forward=_function(
+                cdll, f"lk_cell_forward_{suffix}", None, [_int, _int, *[_ptr] * 6, ctypes.c_int]
+            ),
+            cell_backward=_function(
+                cdll, f"lk_cell_backward_{suffix}", None, [_int, _int, *[_ptr] * 9]
             ),
         )
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))

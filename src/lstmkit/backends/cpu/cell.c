@@ -1,0 +1,87 @@
+/* lstmkit CPU kernels: the pointwise part of one LSTMCell step (lstmkit.LSTMCell), forward and
+ * backward. Legend: N rows, H units, G = 4H gates in torch's order i, f, g, o, row-major.
+ *
+ * The products (x W_ih^T + h W_hh^T before the forward, dgates W and dgates^T x after the
+ * backward) are torch.mm calls in lstmkit.backends.cpu.cell: one step has no recurrence to
+ * keep in cache, and a call into the BLAS costs less there than packing for ours. What is
+ * here is the gate math, with the kernels' own sigmoid and tanh (real.h), in one pass over
+ * the gates. Each row is computed by one thread in a fixed order, and the bias gradient sums
+ * the rows in order, so results do not depend on the thread count. Training keeps the gate
+ * activations (N x G, written over the gates) for backward; tanh(c') is recomputed there.
+ * Compiled once per element type. */
+#include "lstm.h"
+#include "real.h"
+
+/* gates (N x G): the products on entry; with `keep`, the activations sigmoid(i), sigmoid(f),
+ * tanh(g), sigmoid(o) on return. b_ih, b_hh (G) may be NULL. c (N x H) -> h_out, c_out. */
+void SUF(lk_cell_forward)(int64_t N, int64_t H, real *gates, const real *b_ih,
+                          const real *b_hh, const real *c, real *h_out, real *c_out, int keep)
+{
+    const int64_t G = 4 * H;
+    for (int64_t n = 0; n < N; n++) {
+        real *row = gates + n * G;
+        for (int64_t k = 0; k < H; k += V) {
+            const int64_t m = min64(V, H - k);
+            vec a[4];
+            for (int q = 0; q < 4; q++) {
+                a[q] = vload_n(row + q * H + k, m);
+                if (b_ih)
+                    a[q] += vload_n(b_ih + q * H + k, m);
+                if (b_hh)
+                    a[q] += vload_n(b_hh + q * H + k, m);
+            }
+            const vec i = v_sigmoid(a[0]), f = v_sigmoid(a[1]), g = v_tanh(a[2]);
+            const vec o = v_sigmoid(a[3]);
+            const vec c_next = f * vload_n(c + n * H + k, m) + i * g;
+            vstore_n(c_out + n * H + k, c_next, m);
+            vstore_n(h_out + n * H + k, o * v_tanh(c_next), m);
+            if (keep) {
+                vstore_n(row + k, i, m);
+                vstore_n(row + H + k, f, m);
+                vstore_n(row + 2 * H + k, g, m);
+                vstore_n(row + 3 * H + k, o, m);
+            }
+        }
+    }
+}
+
+/* From the kept activations (N x G), c and c' (N x H) and the incoming dh', dc' (N x H, either
+ * NULL for zero): the gates' gradient d_gates (N x G, before the activations), dc (N x H, may
+ * be NULL) and the bias gradient, the sum of d_gates' rows, into db_ih and db_hh (G each, may
+ * be NULL). */
+void SUF(lk_cell_backward)(int64_t N, int64_t H, const real *acts, const real *c,
+                           const real *c_out, const real *dh, const real *dc, real *d_gates,
+                           real *d_c, real *db_ih, real *db_hh)
+{
+    const int64_t G = 4 * H;
+    real *db = db_ih ? db_ih : db_hh;
+    if (db)
+        for (int64_t j = 0; j < G; j++)
+            db[j] = 0;
+    for (int64_t n = 0; n < N; n++) {
+        const real *a = acts + n * G;
+        real *d = d_gates + n * G;
+        for (int64_t k = 0; k < H; k += V) {
+            const int64_t m = min64(V, H - k);
+            const vec i = vload_n(a + k, m), f = vload_n(a + H + k, m);
+            const vec g = vload_n(a + 2 * H + k, m), o = vload_n(a + 3 * H + k, m);
+            const vec dhv = dh ? vload_n(dh + n * H + k, m) : splat(0);
+            const vec t = v_tanh(vload_n(c_out + n * H + k, m));
+            vec dcv = dc ? vload_n(dc + n * H + k, m) : splat(0);
+            dcv += dhv * o * (1 - t * t);
+            const vec cv = vload_n(c + n * H + k, m);
+            vstore_n(d + k, dcv * g * i * (1 - i), m);
+            vstore_n(d + H + k, dcv * cv * f * (1 - f), m);
+            vstore_n(d + 2 * H + k, dcv * i * (1 - g * g), m);
+            vstore_n(d + 3 * H + k, dhv * t * o * (1 - o), m);
+            if (d_c)
+                vstore_n(d_c + n * H + k, dcv * f, m);
+        }
+        if (db)
+            for (int64_t j = 0; j < G; j++)
+                db[j] += d[j];
+    }
+    if (db_ih && db_hh)
+        for (int64_t j = 0; j < G; j++)
+            db_hh[j] = db_ih[j];
+}

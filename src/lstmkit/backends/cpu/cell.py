@@ -1,0 +1,148 @@
+"""One :class:`lstmkit.LSTMCell` step through the cpu backend: the products by ``torch.mm``,
+the gate math by cell.c, forward and backward, under one hand-written autograd node.
+
+Forward: gates = x W_ih^T + h W_hh^T, then cell.c adds both biases and runs the cell, writing
+h' and c' and, for training, the gate activations over the gates. Backward: cell.c gives the
+gates' gradient dG, dc and the bias gradient (the same for both biases); then dx = dG W_ih,
+dh = dG W_hh, dW_ih = dG^T x, dW_hh = dG^T h. A step is a few small products and one pass of
+gate math, so what Python costs per call decides the speed at small sizes: this path skips the
+dispatcher, as :class:`.autograd.EagerStack` does, and is taken only where :func:`usable` says
+nothing would see the difference. A graph of the gradient (``create_graph=True``) is the
+reference's, recomputed, as for :class:`lstmkit.LSTM` (see :mod:`.autograd`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lstmkit import reference
+from lstmkit.backends.cpu import autograd, library, route
+from lstmkit.backends.cpu.library import DTYPES
+from lstmkit.reference import LayerWeights
+
+
+def usable(x: Tensor) -> bool:
+    """Whether a step on ``x`` may run here: a CPU float32/float64 tensor in plain eager code
+    (no compiler, tracer, torch.func transform or dispatch mode, which would see raw
+    addresses instead of ops)."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and route.direct(x, False)
+
+
+def step(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """h', c' of one step; differentiable. Shape: x (N, H_in), h and c (N, H)."""
+    if torch.is_grad_enabled() and (
+        x.requires_grad
+        or h.requires_grad
+        or c.requires_grad
+        or w_ih.requires_grad
+        or w_hh.requires_grad
+        or (b_ih is not None and b_ih.requires_grad)
+        or (b_hh is not None and b_hh.requires_grad)
+    ):
+        return CellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh)
+    return _forward(x, h, c, w_ih, w_hh, b_ih, b_hh, False)[:2]
+
+
+def _forward(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    keep: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """h', c' and the gates (with ``keep``, their activations, for :func:`_backward`)."""
+    gates = torch.mm(x, w_ih.t())  # (N, 4H)
+    gates.addmm_(h, w_hh.t())
+    c = c.contiguous()
+    h_next, c_next = torch.empty_like(c), torch.empty_like(c)
+    b_ih = None if b_ih is None else b_ih.contiguous()
+    b_hh = None if b_hh is None else b_hh.contiguous()
+    library.load().kernels[x.dtype].cell_forward(
+        c.shape[0], c.shape[1], gates.data_ptr(), _address(b_ih), _address(b_hh),
+        c.data_ptr(), h_next.data_ptr(), c_next.data_ptr(), keep,
+    )  # fmt: skip
+    return h_next, c_next, gates
+
+
+class CellFunction(torch.autograd.Function):
+    """``apply(x, h, c, w_ih, w_hh, b_ih, b_hh)`` -> h', c' (see the module docstring)."""
+
+    @staticmethod
+    def forward(
+        ctx: object,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor,
+        w_ih: Tensor,
+        w_hh: Tensor,
+        b_ih: Tensor | None,
+        b_hh: Tensor | None,
+    ) -> tuple[Tensor, Tensor]:
+        ctx.set_materialize_grads(False)
+        h_next, c_next, acts = _forward(x, h, c, w_ih, w_hh, b_ih, b_hh, True)
+        ctx.save_for_backward(x, h, c, w_ih, w_hh, b_ih, b_hh, c_next)
+        # the activations are this node's own: an attribute costs less than a saved tensor
+        ctx.acts = acts
+        return h_next, c_next
+
+    @staticmethod
+    def backward(ctx: object, d_h: Tensor | None, d_c: Tensor | None) -> tuple:
+        x, h, c, w_ih, w_hh, b_ih, b_hh, c_next = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if torch.is_grad_enabled():
+            weights = LayerWeights(w_ih, w_hh, b_ih, b_hh, None)
+            with torch.enable_grad():
+                outputs = reference.lstm_step(reference.project_input(x, weights), h, c, weights)
+            inputs = [x, h, c, w_ih, w_hh, b_ih, b_hh]
+            present = [need and t is not None for t, need in zip(inputs, needs)]
+            return tuple(autograd._reference_grads(outputs, [d_h, d_c], inputs, present))
+        return _backward(ctx.acts, x, h, c, c_next, w_ih, w_hh, b_ih, b_hh, d_h, d_c, needs)
+
+
+def _backward(
+    acts: Tensor,
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    c_next: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    d_h: Tensor | None,
+    d_c: Tensor | None,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    c = c.contiguous()
+    d_h = None if d_h is None else d_h.contiguous()
+    d_c = None if d_c is None else d_c.contiguous()
+    d_gates = torch.empty_like(acts)
+    d_c_prev = torch.empty_like(c) if needs[2] else None
+    d_b_ih = torch.empty_like(b_ih) if b_ih is not None and needs[5] else None
+    d_b_hh = torch.empty_like(b_hh) if b_hh is not None and needs[6] else None
+    library.load().kernels[x.dtype].cell_backward(
+        c.shape[0], c.shape[1], acts.data_ptr(), c.data_ptr(), c_next.data_ptr(),
+        _address(d_h), _address(d_c), d_gates.data_ptr(), _address(d_c_prev),
+        _address(d_b_ih), _address(d_b_hh),
+    )  # fmt: skip
+    d_x = torch.mm(d_gates, w_ih) if needs[0] else None
+    d_h_prev = torch.mm(d_gates, w_hh) if needs[1] else None
+    d_w_ih = torch.mm(d_gates.t(), x) if needs[3] else None
+    d_w_hh = torch.mm(d_gates.t(), h) if needs[4] else None
+    return d_x, d_h_prev, d_c_prev, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+
+def _address(tensor: Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
