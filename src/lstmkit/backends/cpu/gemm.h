@@ -7,8 +7,8 @@
  * them) and each block of MC rows of op(A) (kept in L2), op(A) is packed into slivers of MR rows
  * (an element of each row per k, contiguous) and op(B) into panels of NR columns (a row of NR
  * per k, contiguous), zero-padded, and a register tile of MR x NR accumulators walks them. The
- * tile is MR rows by GEMM_NV vectors: with 32 vector registers (AVX-512) 6 x 4, with 16 (AVX2,
- * generic) 6 x 2, so the accumulators, the loads of op(B) and a broadcast fit the registers.
+ * tile is the tier's (TILE_ROWS rows by TILE_VECS vectors, see tier_*.h): the accumulators, the
+ * loads of op(B) and a broadcast fit its vector registers.
  * KC, MC and NC come from the plan's cache sizes (lk_planned), not from one CPU.
  *
  * Threads: the calling thread's lstmkit GEMM thread count (lk_gemm_threads, set where the
@@ -20,12 +20,8 @@
 #ifndef LSTMKIT_GEMM_H
 #define LSTMKIT_GEMM_H
 
-#define GEMM_MR 6
-#if defined(LK_VREGS) && LK_VREGS >= 32
-#define GEMM_NV 4
-#else
-#define GEMM_NV 2
-#endif
+#define GEMM_MR TILE_ROWS /* the tier's register tile (tier_*.h) */
+#define GEMM_NV TILE_VECS
 #define GEMM_NR (GEMM_NV * V)
 
 typedef struct {

@@ -313,8 +313,6 @@ static void unpermute(const dir_t *w, const real *src, real *dst, int64_t cols)
  * and C are addressed through rows_t: a base and a stride, and another pair from row `split` on
  * (rows that start from h0 instead of the previous step). */
 
-#define MR_MAX 6
-
 typedef struct {
     real *base;
     int64_t stride, split;
@@ -346,7 +344,7 @@ LK_INLINE real *row_at(const rows_t *r, int64_t b)
 /* acc[r][c] += sum_k a[r][k] b[c][k ld]; called with constant mr and nv, so the loops unroll
  * and acc lives in registers (see TILE_VECS for the shapes; 1 x 4 is the one-row shape). */
 LK_INLINE void panel_mac(const int mr, const int nv, int64_t k, real *const *a,
-                         const real *const *b, int64_t ld, vec acc[MR_MAX][4])
+                         const real *const *b, int64_t ld, vec acc[TILE_ROWS][4])
 {
 #pragma GCC unroll 4
     for (int64_t kk = 0; kk < k; kk++) {
@@ -369,8 +367,8 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
                           const rows_t *a, const panel_t *p, const rows_t *init,
                           const real *bias, const rows_t *c)
 {
-    real *arow[MR_MAX];
-    vec acc[MR_MAX][4];
+    real *arow[TILE_ROWS];
+    vec acc[TILE_ROWS][4];
     int64_t lanes[4];
     for (int j = 0; j < nv; j++)
         lanes[j] = clamp_lanes(p->cols - (v0 + j) * V);
@@ -392,20 +390,8 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
     }
 }
 
-/* Tiles of MR_MAX rows x TILE_VECS vectors: the accumulators, TILE_VECS loads of the panel and
- * a broadcast fit the tier's LK_VREGS vector registers. With 16 (AVX2, generic) that is 6 x 2
- * (12 + 2 + 1), twice per panel; with 32 (AVX-512) 6 x 4 (24 + 4 + 1), the whole panel at once,
- * which reads each row of A once and does twice the FMAs per load. */
-#ifndef LK_VREGS
-#define LK_VREGS 16
-#endif
-#if LK_VREGS >= 32
-#define TILE_VECS 4
-#else
-#define TILE_VECS 2
-#endif
-
-/* One compiled copy per tile shape (inlining them into every caller costs compile time and
+/* The tier's tile (TILE_ROWS x TILE_VECS, see tier_*.h) and the smaller ones for the rows left.
+ * One compiled copy per tile shape (inlining them into every caller costs compile time and
  * gains nothing: a tile runs for hundreds of cycles). */
 #define TILE(mr, nv)                                                                              \
     static __attribute__((noinline, noclone)) void tile_##mr##x##nv(                              \
@@ -417,6 +403,7 @@ LK_INLINE void panel_tile(const int mr, const int nv, int64_t b0, int v0, int64_
 #define TILE_OF(mr, nv) TILE(mr, nv) /* expands nv (TILE_VECS) before pasting it */
 #define TILE_NAME(mr, nv) TILE_NAME_(mr, nv)
 #define TILE_NAME_(mr, nv) tile_##mr##x##nv
+_Static_assert(TILE_ROWS == 6, "the tiles below are those of six rows and the rows left");
 TILE_OF(6, TILE_VECS)
 TILE_OF(5, TILE_VECS)
 TILE_OF(4, TILE_VECS)
@@ -430,7 +417,7 @@ typedef void (*tile_fn)(int64_t b0, int v0, int64_t k, const rows_t *a, const pa
                         const rows_t *init, const real *bias, const rows_t *c);
 /* The tile for the rows left after the tiles of six, by count (one row takes all four vectors
  * at once). */
-static const tile_fn leftover_tiles[MR_MAX] = {
+static const tile_fn leftover_tiles[TILE_ROWS] = {
     NULL,
     tile_1x4,
     TILE_NAME(2, TILE_VECS),
@@ -453,7 +440,7 @@ static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, 
         pk.col[j] = p->col[j] != NULL ? p->col[j] + k0 * p->ld : NULL;
     const int64_t k = k1 - k0;
     int64_t b = 0;
-    for (; b + MR_MAX <= n; b += MR_MAX)
+    for (; b + TILE_ROWS <= n; b += TILE_ROWS)
         for (int v0 = 0; v0 < 4; v0 += TILE_VECS)
             TILE_NAME(6, TILE_VECS)(b, v0, k, &ak, &pk, init, bias, c);
     if (n - b == 1)

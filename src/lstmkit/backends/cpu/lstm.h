@@ -20,6 +20,9 @@
 #ifndef LK_VBYTES /* bytes per vector: the build passes its tier's width (lstmkit.backends.cpu.machine) */
 #define LK_VBYTES 32
 #endif
+#ifndef LK_VREGS /* vector registers: the build passes its tier's count */
+#define LK_VREGS 16
+#endif
 /* What a call's plan derives from the machine (its caches, its vector width), set once per
  * process by lk_set_plan from lstmkit.backends.cpu.machine.plan, which says why each value is
  * what it is (`lstmkit backends` prints them); until then, those of a core with 32 KB of L1d,

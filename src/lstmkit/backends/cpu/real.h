@@ -42,8 +42,8 @@ typedef uval uvec __attribute__((vector_size(LK_VBYTES)));
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
-/* ---- vectors: GCC's generic vectors, with AVX or AVX-512 instructions where GCC has no generic
- * form (blends, masked loads and stores, lane sums); any other width takes plain C ---- */
+/* ---- vectors: GCC's generic vectors; the rest (blends, partial loads and stores, lane sums)
+ * from the tier's file ---- */
 
 /* x - 0 is x exactly (0 + x is not, for x = -0), so this compiles to a plain broadcast. */
 LK_INLINE vec splat(real x) { return x - (vec){}; }
@@ -55,145 +55,15 @@ LK_INLINE vec vload(const real *p)
 }
 LK_INLINE void vstore(real *p, vec v) { memcpy(p, &v, sizeof v); }
 
+/* The tier's vector operations and register tile (one file per ISA tier), chosen by what
+ * the unit is compiled for: AVX with 32-byte vectors, AVX-512 F with 64-byte ones, else the
+ * portable one. */
 #if defined(__AVX__) && LK_VBYTES == 32
-#include <immintrin.h>
-#if LK_DOUBLE
-typedef __m256d xvec;
-#define X86(name) _mm256_##name##_pd
-static const ivec lane_index = {0, 1, 2, 3};
-#else
-typedef __m256 xvec;
-#define X86(name) _mm256_##name##_ps
-static const ivec lane_index = {0, 1, 2, 3, 4, 5, 6, 7};
-#endif
-/* mask ? a : b, lane by lane (mask lanes all ones or all zeros) */
-LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)X86(blendv)((xvec)b, (xvec)a, (xvec)mask); }
-/* max(lo, x) and min(hi, x); a NaN x stays NaN (the instructions return the second operand). */
-LK_INLINE vec vmax_nan(real lo, vec x) { return (vec)X86(max)((xvec)splat(lo), (xvec)x); }
-LK_INLINE vec vmin_nan(real hi, vec x) { return (vec)X86(min)((xvec)splat(hi), (xvec)x); }
-/* The first n lanes (0 <= n <= V) of p; the others are zero and p[n..] is not touched. */
-LK_INLINE vec vload_n(const real *p, int64_t n)
-{
-    if (n == V)
-        return vload(p);
-    return (vec)X86(maskload)(p, (__m256i)(lane_index < (ival)n));
-}
-LK_INLINE void vstore_n(real *p, vec v, int64_t n)
-{
-    if (n == V)
-        vstore(p, v);
-    else
-        X86(maskstore)(p, (__m256i)(lane_index < (ival)n), (xvec)v);
-}
-/* Lane v of the result: the sum of the lanes of s[v] (pairwise adds, then the two halves). */
-LK_INLINE vec lane_sums(const vec s[V])
-{
-#if LK_DOUBLE
-    xvec t0 = X86(hadd)((xvec)s[0], (xvec)s[1]), t1 = X86(hadd)((xvec)s[2], (xvec)s[3]);
-#else
-    xvec u0 = X86(hadd)((xvec)s[0], (xvec)s[1]), u1 = X86(hadd)((xvec)s[2], (xvec)s[3]);
-    xvec u2 = X86(hadd)((xvec)s[4], (xvec)s[5]), u3 = X86(hadd)((xvec)s[6], (xvec)s[7]);
-    xvec t0 = X86(hadd)(u0, u1), t1 = X86(hadd)(u2, u3);
-#endif
-    return (vec)X86(add)(X86(permute2f128)(t0, t1, 0x20), X86(permute2f128)(t0, t1, 0x31));
-}
+#include "tier_avx2.h"
 #elif defined(__AVX512F__) && LK_VBYTES == 64
-#include <immintrin.h>
-#if LK_DOUBLE
-typedef __m512d xvec;
-typedef __mmask8 lane_mask;
-#define X86(name) _mm512_##name##_pd
-#define LANES4(a, b, imm) _mm512_shuffle_f64x2(a, b, imm)
-/* all-ones lanes (negative as integers) to a mask register */
-#define MASK_OF(m) _mm512_cmplt_epi64_mask((__m512i)(m), _mm512_setzero_si512())
+#include "tier_avx512.h"
 #else
-typedef __m512 xvec;
-typedef __mmask16 lane_mask;
-#define X86(name) _mm512_##name##_ps
-#define LANES4(a, b, imm) _mm512_shuffle_f32x4(a, b, imm)
-#define MASK_OF(m) _mm512_cmplt_epi32_mask((__m512i)(m), _mm512_setzero_si512())
-#endif
-LK_INLINE lane_mask first_n(int64_t n) { return (lane_mask)((1u << n) - 1); } /* n < V */
-LK_INLINE vec vsel(ivec mask, vec a, vec b)
-{
-    return (vec)X86(mask_blend)(MASK_OF(mask), (xvec)b, (xvec)a);
-}
-/* As for AVX: max and min return their second operand when one is NaN, so NaN stays NaN. */
-LK_INLINE vec vmax_nan(real lo, vec x) { return (vec)X86(max)((xvec)splat(lo), (xvec)x); }
-LK_INLINE vec vmin_nan(real hi, vec x) { return (vec)X86(min)((xvec)splat(hi), (xvec)x); }
-/* Masked loads and stores touch only the lanes of the mask (no fault past a buffer's end). */
-LK_INLINE vec vload_n(const real *p, int64_t n)
-{
-    if (n == V)
-        return vload(p);
-    return (vec)X86(maskz_loadu)(first_n(n), p);
-}
-LK_INLINE void vstore_n(real *p, vec v, int64_t n)
-{
-    if (n == V)
-        vstore(p, v);
-    else
-        X86(mask_storeu)(p, first_n(n), (xvec)v);
-}
-/* Lane v of the result: the sum of the lanes of s[v]. Adjacent lanes are added in pairs
- * within each 128-bit block (twice for float, once for double), until each block of the four
- * vectors left holds one partial sum per input vector; a transpose of the 128-bit blocks then
- * adds the four partial sums of each input vector. */
-LK_INLINE xvec pair_sums(xvec a, xvec b)
-{
-#if LK_DOUBLE
-    return X86(add)(X86(shuffle)(a, b, 0x00), X86(shuffle)(a, b, 0xFF));
-#else
-    return X86(add)(X86(shuffle)(a, b, 0x88), X86(shuffle)(a, b, 0xDD));
-#endif
-}
-LK_INLINE vec lane_sums(const vec s[V])
-{
-    xvec w[4];
-#if LK_DOUBLE
-    for (int k = 0; k < 4; k++)
-        w[k] = pair_sums((xvec)s[2 * k], (xvec)s[2 * k + 1]);
-#else
-    for (int k = 0; k < 4; k++)
-        w[k] = pair_sums(pair_sums((xvec)s[4 * k], (xvec)s[4 * k + 1]),
-                         pair_sums((xvec)s[4 * k + 2], (xvec)s[4 * k + 3]));
-#endif
-    /* block k of the result: the sum of w[k]'s four blocks */
-    const xvec ab = X86(add)(LANES4(w[0], w[1], 0x44), LANES4(w[0], w[1], 0xEE));
-    const xvec cd = X86(add)(LANES4(w[2], w[3], 0x44), LANES4(w[2], w[3], 0xEE));
-    return (vec)X86(add)(LANES4(ab, cd, 0x88), LANES4(ab, cd, 0xDD));
-}
-#undef MASK_OF
-#else
-LK_INLINE vec vsel(ivec mask, vec a, vec b) { return (vec)(((ivec)a & mask) | ((ivec)b & ~mask)); }
-LK_INLINE vec vmax_nan(real lo, vec x) { return vsel(x < lo, splat(lo), x); }
-LK_INLINE vec vmin_nan(real hi, vec x) { return vsel(x > hi, splat(hi), x); }
-LK_INLINE vec vload_n(const real *p, int64_t n)
-{
-    if (n == V)
-        return vload(p);
-    vec v = {};
-    memcpy(&v, p, (size_t)n * sizeof(real));
-    return v;
-}
-LK_INLINE void vstore_n(real *p, vec v, int64_t n)
-{
-    if (n == V)
-        vstore(p, v);
-    else
-        memcpy(p, &v, (size_t)n * sizeof(real));
-}
-LK_INLINE vec lane_sums(const vec s[V])
-{
-    vec sums;
-    for (int v = 0; v < V; v++) {
-        real sum = 0;
-        for (int k = 0; k < V; k++)
-            sum += s[v][k];
-        sums[v] = sum;
-    }
-    return sums;
-}
+#include "tier_generic.h"
 #endif
 
 /* ---- tanh and sigmoid, vectorised, accurate to float / double rounding (a few ulp) ----
