@@ -42,7 +42,15 @@ from pathlib import Path
 from lstmkit.backends.cpu import machine
 
 SOURCE_DIR = Path(__file__).resolve().parent
-HEADERS = ("lstm.h", "real.h", "gemm.h", "tier_avx512.h", "tier_avx2.h", "tier_generic.h")
+HEADERS = (
+    "lstm.h",
+    "real.h",
+    "driver.h",
+    "gemm.h",
+    "tier_avx512.h",
+    "tier_avx2.h",
+    "tier_generic.h",
+)
 # (source, extra flags, object name): kernel.c, variant.c, gemm.c and cell.c are compiled once per
 # element type.
 UNITS = (

@@ -80,6 +80,7 @@
  */
 #include "lstm.h"
 #include "real.h"
+#include "driver.h"
 
 #define W (4 * V) /* columns per panel */
 /* Batch 1 (see row_block), where W_hh fits a core's L2 (the plan's row_bytes; a bigger one
@@ -92,9 +93,7 @@ static int64_t clamp_lanes(int64_t n) { return n < 0 ? 0 : n > V ? V : n; }
 /* ---- one direction of a layer: geometry, buffers and row addresses ---- */
 
 typedef struct {
-    const lk_layer *a;
-    int64_t d, rev;
-    int64_t T, B, I, H, P, D;
+    LK_SEQ;             /* the sequence's steps and rows (driver.h) */
     int64_t Hb, Hp, Gp; /* unit blocks, padded units, padded gate columns */
     int64_t Pb, Pp;     /* panels of W columns over P, padded P */
     int proj, keep;     /* proj_size > 0; training (keep the gates) */
@@ -102,10 +101,6 @@ typedef struct {
     int small;          /* batch 1 with [W_ih W_hh]^T packed in wt (see row_blocks) */
     int pair;           /* row, not small, on two threads: each step's cells kept (lk_items) */
     int packed;         /* the packed weights below are already in place (lk_layer.packed) */
-    const int64_t *off; /* (T + 1) packed row of (t, 0): the active rows of the steps before */
-    const real *x, *h0, *c0;
-    const real *xp;           /* packed input (rows off[t] + b), x itself without lengths */
-    real *out, *cells, *ring; /* ring: (2, B, H) last two cell states when cells is NULL */
     real *G;                  /* gates: pre-activations, then activations; (R, Gp), packed, when
                                  kept for backward, else (B, Gp) for one step */
     real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
@@ -121,16 +116,6 @@ typedef struct {
     real *wp;   /* proj: W_hr^T panels of Hp rows, one per W columns of P */
 } dir_t;
 
-static real *out_row(const dir_t *w, int64_t t, int64_t b)
-{
-    return w->out + (t * w->B + b) * w->D * w->P + w->d * w->P;
-}
-static real *cell_row(const dir_t *w, int64_t t, int64_t b)
-{
-    if (w->cells != NULL)
-        return w->cells + (t * w->B + b) * w->D * w->H + w->d * w->H;
-    return w->ring + ((t & 1) * w->B + b) * w->H;
-}
 static real *gate_row(const dir_t *w, int64_t t, int64_t b)
 {
     return w->G + ((w->keep ? w->off[t] : 0) + b) * w->Gp;
@@ -138,30 +123,6 @@ static real *gate_row(const dir_t *w, int64_t t, int64_t b)
 static real *m_row(const dir_t *w, int64_t t, int64_t b)
 {
     return w->m + (w->keep ? w->off[t] + b : b) * w->Hp;
-}
-
-/* Where step t's row b takes its previous state from: the step before in this direction's
- * order, or the initial state for rows that start at t (the first `fresh` rows continue). */
-typedef struct {
-    int64_t t, prev, n, cont;
-} step_t;
-
-static step_t make_step(const dir_t *w, int64_t s)
-{
-    step_t st;
-    st.t = w->rev ? w->T - 1 - s : s;
-    st.prev = w->rev ? st.t + 1 : st.t - 1;
-    st.n = lk_active(w->a, st.t);
-    st.cont = s == 0 ? 0 : min64(st.n, lk_active(w->a, st.prev));
-    return st;
-}
-static const real *h_prev(const dir_t *w, const step_t *st, int64_t b)
-{
-    return b < st->cont ? out_row(w, st->prev, b) : w->h0 + b * w->P;
-}
-static const real *c_prev(const dir_t *w, const step_t *st, int64_t b)
-{
-    return b < st->cont ? cell_row(w, st->prev, b) : w->c0 + b * w->H;
 }
 
 /* Original row (q H + j) of permuted gate column `col`, or -1 for a padded unit. */
@@ -174,10 +135,7 @@ static int64_t torch_row(const dir_t *w, int64_t col)
 static void geometry(dir_t *w, const lk_layer *a, int64_t d)
 {
     memset(w, 0, sizeof *w);
-    w->a = a;
-    w->d = d;
-    w->rev = d == 1;
-    w->T = a->T, w->B = a->B, w->I = a->I, w->H = a->H, w->P = a->P, w->D = a->D;
+    seq_init(&w->seq, a, d);
     w->Hb = (a->H + V - 1) / V;
     w->Hp = w->Hb * V;
     w->Gp = 4 * w->Hp;
@@ -190,11 +148,6 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
     w->fuse = w->small || (w->row && (double)(4 * a->H * a->I) * sizeof(real) <= plan->fuse_bytes);
     w->w_ih = a->w[d][LK_W_IH];
     w->w_hh = a->w[d][LK_W_HH];
-    w->x = a->x;
-    w->h0 = (const real *)a->h0 + d * a->B * a->P;
-    w->c0 = (const real *)a->c0 + d * a->B * a->H;
-    w->out = a->out;
-    w->cells = a->cells;
 }
 
 /* ---- packing torch's weights into the kernel layouts ---- */
@@ -493,13 +446,13 @@ LK_INLINE void update_block(const dir_t *w, const step_t *st, int64_t b, int64_t
 {
     const int64_t lanes = clamp_lanes(w->H - blk * V);
     vec i = v_sigmoid(pre[0]), f = v_sigmoid(pre[1]), g = v_tanh(pre[2]), o = v_sigmoid(pre[3]);
-    vec c = f * vload_n(c_prev(w, st, b) + blk * V, lanes) + i * g;
+    vec c = f * vload_n(c_prev(&w->seq, st, b) + blk * V, lanes) + i * g;
     vec h = o * v_tanh(c);
-    vstore_n(cell_row(w, st->t, b) + blk * V, c, lanes);
+    vstore_n(cell_row(&w->seq, st->t, b) + blk * V, c, lanes);
     if (w->proj)
         vstore(m_row(w, st->t, b) + blk * V, h);
     else
-        vstore_n(out_row(w, st->t, b) + blk * V, h, lanes);
+        vstore_n(out_row(&w->seq, st->t, b) + blk * V, h, lanes);
     if (kept != NULL) {
         vstore(kept, i);
         vstore(kept + V, f);
@@ -553,7 +506,7 @@ LK_INLINE void dot_rows(vec acc[V], const real *first, int64_t ld, int64_t lanes
 static void row_block(const dir_t *w, const step_t *st, int64_t blk)
 {
     const int64_t lanes = clamp_lanes(w->H - blk * V), row = w->off[st->t];
-    const real *h = h_prev(w, st, 0), *x = w->xp + row * w->I;
+    const real *h = h_prev(&w->seq, st, 0), *x = w->xp + row * w->I;
     vec pre[4];
     for (int q = 0; q < 4; q++) {
         const int64_t r0 = q * w->H + blk * V; /* torch's row of the block's first unit */
@@ -575,7 +528,7 @@ static void row_block(const dir_t *w, const step_t *st, int64_t blk)
 LK_INLINE void row_blocks(const dir_t *w, const step_t *st, int64_t blk, const int nb)
 {
     const int64_t row = w->off[st->t];
-    const real *x = w->xp + row * w->I, *h = h_prev(w, st, 0), *wt = w->wt + blk * W;
+    const real *x = w->xp + row * w->I, *h = h_prev(&w->seq, st, 0), *wt = w->wt + blk * W;
     vec acc[8];
     for (int j = 0; j < 4 * nb; j++)
         acc[j] = vload(w->bias + blk * W + j * V);
@@ -604,19 +557,19 @@ static __attribute__((noinline)) void row_blocks_2(const dir_t *w, const step_t 
 }
 
 /* The whole sequence for one direction, as member `rank` of a team of `size` threads. */
-static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *bar, int *sense)
+static void forward_direction(const dir_t *w, const team_t *tm)
 {
     int64_t b0, b1, p0, p1;
-    lk_split(w->Hb, rank, size, &b0, &b1);
-    lk_split(w->Pb, rank, size, &p0, &p1);
+    lk_split(w->Hb, tm->rank, tm->size, &b0, &b1);
+    lk_split(w->Pb, tm->rank, tm->size, &p0, &p1);
     const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H); /* own units */
     const int64_t DP = w->D * w->P;
     if (!w->row && !w->packed)
         pack_forward(w, b0, b1, p0, p1);
     for (int64_t s = 0; s < w->T; s++) {
-        const step_t st = make_step(w, s);
+        const step_t st = make_step(&w->seq, s);
         /* h_{t-1}: the previous step's output, or h0 for rows that start here */
-        const rows_t h = rows_split(st.cont > 0 ? out_row(w, st.prev, 0) : NULL, DP, st.cont,
+        const rows_t h = rows_split(st.cont > 0 ? out_row(&w->seq, st.prev, 0) : NULL, DP, st.cont,
                                     (real *)w->h0, w->P);
         const rows_t gates = rows(w->G != NULL ? gate_row(w, st.t, 0) : NULL, w->Gp);
         for (int64_t blk = b0; blk < b1 && w->small && st.n > 0; blk += 2) {
@@ -637,22 +590,22 @@ static void forward_direction(const dir_t *w, int rank, int size, lk_barrier *ba
         }
         for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */
             if (w->cells != NULL)
-                zero_columns(cell_row(w, st.t, b), u0, u1);
+                zero_columns(cell_row(&w->seq, st.t, b), u0, u1);
             if (!w->proj)
-                zero_columns(out_row(w, st.t, b), u0, u1);
+                zero_columns(out_row(&w->seq, st.t, b), u0, u1);
         }
         if (w->proj) {
-            lk_barrier_wait(bar, sense); /* m of this step complete */
+            team_wait(tm); /* m of this step complete */
             const rows_t m = rows(m_row(w, st.t, 0), w->Hp), none = rows(NULL, 0);
             for (int64_t pb = p0; pb < p1; pb++) {
                 const panel_t p = packed_panel(w->wp, pb, w->Hp, w->P - pb * W);
-                const rows_t out = rows(out_row(w, st.t, 0) + pb * W, DP);
+                const rows_t out = rows(out_row(&w->seq, st.t, 0) + pb * W, DP);
                 panel_rows(st.n, w->H, &m, &p, &none, NULL, &out); /* padded m: unread */
             }
             for (int64_t b = st.n; b < w->B; b++)
-                zero_columns(out_row(w, st.t, b), p0 * W, min64(p1 * W, w->P));
+                zero_columns(out_row(&w->seq, st.t, b), p0 * W, min64(p1 * W, w->P));
         }
-        lk_barrier_wait(bar, sense); /* h of this step complete */
+        team_wait(tm); /* h of this step complete */
     }
 }
 
@@ -793,14 +746,14 @@ static void row_step_item(const void *job, int64_t s, int half, int rank)
 {
     (void)rank;
     const dir_t *w = ((const row_forward_t *)job)->w;
-    const step_t st = make_step(w, s);
+    const step_t st = make_step(&w->seq, s);
     int64_t b0, b1;
     half_blocks(w, half, &b0, &b1);
     if (st.n == 0) { /* a padded step: zero output and cells */
         const int64_t u0 = b0 * V, u1 = min64(b1 * V, w->H);
         if (w->cells != NULL) /* else the ring: it holds the last cell state */
-            zero_columns(cell_row(w, st.t, 0), u0, u1);
-        zero_columns(out_row(w, st.t, 0), u0, u1);
+            zero_columns(cell_row(&w->seq, st.t, 0), u0, u1);
+        zero_columns(out_row(&w->seq, st.t, 0), u0, u1);
         return;
     }
     for (int64_t blk = b0; blk < b1; blk++)
@@ -829,65 +782,13 @@ static void row_forward(const dir_t *w)
         row_forward_job(&job, 0, 1);
 }
 
-/* Runs fn(dirs[d], rank, size) for every direction: teams side by side when there are threads
- * for it (see lk_make_teams), else on the calling thread. */
-typedef void (*direction_fn)(const void *dir, int rank, int size, lk_barrier *bar, int *sense);
-
-static void run_teams(direction_fn fn, const void *dirs, size_t dir_bytes, int64_t D, int threads)
-{
-    lk_barrier bars[2];
-    if (threads <= 1) {
-        int sense = 0;
-        lk_barrier_init(&bars[0], 1);
-        for (int64_t d = 0; d < D; d++)
-            fn((const char *)dirs + d * dir_bytes, 0, 1, &bars[0], &sense);
-        return;
-    }
-    const lk_teams teams = lk_make_teams(D, threads);
-    for (int k = 0; k < teams.teams; k++)
-        lk_barrier_init(&bars[k], teams.size);
-#pragma omp parallel num_threads(teams.teams * teams.size)
-    {
-        int sense = 0;
-        int id = 0, got = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        got = omp_get_num_threads();
-#endif
-        if (got != teams.teams * teams.size) {
-            /* Fewer threads than asked for (nested region, thread limit): thread 0 does all. */
-            if (id == 0) {
-                lk_barrier alone;
-                lk_barrier_init(&alone, 1);
-                for (int64_t d = 0; d < D; d++)
-                    fn((const char *)dirs + d * dir_bytes, 0, 1, &alone, &sense);
-            }
-        } else {
-            int team = id / teams.size, rank = id % teams.size;
-            for (int64_t d = team; d < D; d += teams.teams)
-                fn((const char *)dirs + d * dir_bytes, rank, teams.size, &bars[team], &sense);
-        }
-    }
-}
-
-static void forward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
+static void forward_direction_fn(void *dir, const team_t *tm)
 {
     const dir_t *w = dir;
     if (!w->row || w->small)
-        forward_direction(w, rank, size, bar, sense);
-    else if (rank == 0) /* the rest of the team has nothing to do */
+        forward_direction(w, tm);
+    else if (tm->rank == 0) /* the rest of the team has nothing to do */
         row_forward(w);
-}
-
-/* The most threads this call may use: torch.get_num_threads() (see lk_threads). */
-static int max_threads(const lk_layer *a)
-{
-#ifdef _OPENMP
-    return a->threads >= 1 ? (int)a->threads : omp_get_max_threads();
-#else
-    (void)a;
-    return 1;
-#endif
 }
 
 /* Elements of `saved` that a training forward needs (see the file comment). */
@@ -1066,17 +967,8 @@ int SUF(lk_forward)(const lk_layer *a)
         row_forward(&dirs[0]);
     else
         run_teams(forward_direction_fn, dirs, sizeof dirs[0], a->D, threads);
-    for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
-        const dir_t *w = &dirs[d];
-        for (int64_t b = 0; b < a->B; b++) {
-            int64_t len = a->lengths ? a->lengths[b] : a->T;
-            int64_t last = w->rev ? 0 : len - 1;
-            const real *h = len > 0 ? out_row(w, last, b) : w->h0 + b * a->P;
-            const real *c = len > 0 ? cell_row(w, last, b) : w->c0 + b * a->H;
-            memcpy((real *)a->h_n + (d * a->B + b) * a->P, h, (size_t)a->P * sizeof(real));
-            memcpy((real *)a->c_n + (d * a->B + b) * a->H, c, (size_t)a->H * sizeof(real));
-        }
-    }
+    for (int64_t d = 0; d < a->D; d++)
+        final_states(&dirs[d].seq);
     if (packed != NULL && !dirs[0].packed)
         packed_done(dirs, a);
     if (lk_blas_threads)
@@ -1142,13 +1034,13 @@ LK_INLINE void block_backward(const bdir_t *w, const step_t *st, int64_t b, int6
     const real *gates = gate_row(f, st->t, b) + blk * W;
     vec i = vload(gates), fg = vload(gates + V), g = vload(gates + 2 * V);
     vec o = vload(gates + 3 * V);
-    vec c = vload_n(cell_row(f, st->t, b) + blk * V, lanes);
+    vec c = vload_n(cell_row(&f->seq, st->t, b) + blk * V, lanes);
     vec tc = v_tanh(c);
     dc = dc + d_h * o * (1 - tc * tc);
     if (d_cells != NULL)
         dc += vload_n(d_cells + (st->t * f->B + b) * f->D * f->H + f->d * f->H + blk * V, lanes);
     d[0] = dc * g * i * (1 - i);
-    d[1] = dc * vload_n(c_prev(f, st, b) + blk * V, lanes) * fg * (1 - fg);
+    d[1] = dc * vload_n(c_prev(&f->seq, st, b) + blk * V, lanes) * fg * (1 - fg);
     d[2] = dc * i * (1 - g * g);
     d[3] = d_h * tc * o * (1 - o);
     /* Padded units have no gradient: their lanes are 0, not what their gates made of a
@@ -1237,13 +1129,13 @@ static void row_dh(const dir_t *f, const real *dA, real *dh, int64_t b0, int64_t
     }
 }
 
-static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *bar, int *sense)
+static void backward_direction(const bdir_t *w, const team_t *tm)
 {
     const dir_t *f = &w->f;
     const lk_grads *g = w->g;
     int64_t b0, b1, p0, p1;
-    lk_split(f->Hb, rank, size, &b0, &b1);
-    lk_split(f->Pb, rank, size, &p0, &p1);
+    lk_split(f->Hb, tm->rank, tm->size, &b0, &b1);
+    lk_split(f->Pb, tm->rank, tm->size, &p0, &p1);
     const int64_t u0 = b0 * V, u1 = b1 * V, c0 = p0 * W, c1 = p1 * W;
     const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->B * f->P : NULL;
     const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->B * f->H : NULL;
@@ -1255,10 +1147,10 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
             dh[c] = d_h_n != NULL && c < f->P ? d_h_n[b * f->P + c] : 0;
     }
     add_output_grad(w, w->f.rev ? 0 : f->T - 1, c0, c1);
-    lk_barrier_wait(bar, sense);
+    team_wait(tm);
     const rows_t none = rows(NULL, 0), dH = rows(w->dH, f->Pp);
     for (int64_t s = f->T - 1; s >= 0; s--) {
-        const step_t st = make_step(f, s);
+        const step_t st = make_step(&f->seq, s);
         const rows_t dhs = rows(dhs_row(w, st.t, 0), f->Pp);
         if (f->proj) { /* dm = dh W_hr for the own unit blocks, four blocks per panel */
             const rows_t dm = rows(w->dm, f->Hp);
@@ -1278,7 +1170,7 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
             else
                 gate_backward(w, &st, f->T - 1 - s, blk, dhs.base + blk * V, f->Pp);
         }
-        lk_barrier_wait(bar, sense); /* dA of this step complete */
+        team_wait(tm); /* dA of this step complete */
         const rows_t dA = rows(grad_row(w, st.t, 0), f->Gp);
         for (int64_t pb = p0; pb < p1; pb++) {
             const panel_t p = packed_panel(w->ub, pb, f->Gp, W);
@@ -1287,25 +1179,21 @@ static void backward_direction(const bdir_t *w, int rank, int size, lk_barrier *
         }
         if (s > 0 && (f->proj || g->d_out != NULL))
             add_output_grad(w, st.prev, c0, c1);
-        lk_barrier_wait(bar, sense); /* dh for the step before complete */
+        team_wait(tm); /* dh for the step before complete */
     }
     for (int64_t c = b0 * W; c < b1 * W; c += V)
         vstore(w->db + c, sum_total(w->db_steps + c, f->Gp, f->T, V));
 }
 
-static void backward_direction_fn(const void *dir, int rank, int size, lk_barrier *bar,
-                                  int *sense)
-{
-    backward_direction(dir, rank, size, bar, sense);
-}
+static void backward_direction_fn(void *dir, const team_t *tm) { backward_direction(dir, tm); }
 
 /* h_{t-1} of every packed row: the output of the step before, or h0 where a row starts. */
 static void gather_h_prev(const dir_t *f, real *hp)
 {
     for (int64_t s = 0; s < f->T; s++) {
-        const step_t st = make_step(f, s);
+        const step_t st = make_step(&f->seq, s);
         for (int64_t b = 0; b < st.n; b++)
-            memcpy(hp + (f->off[st.t] + b) * f->P, h_prev(f, &st, b),
+            memcpy(hp + (f->off[st.t] + b) * f->P, h_prev(&f->seq, &st, b),
                    (size_t)f->P * sizeof(real));
     }
 }
@@ -1484,12 +1372,12 @@ static void row_backward_item(const void *job, int64_t item, int half, int rank)
     const dir_t *f = &w->f;
     const lk_grads *g = w->g;
     const int64_t s = f->T - 1 - item;
-    const step_t st = make_step(f, s);
+    const step_t st = make_step(&f->seq, s);
     (void)rank;
     if (st.n == 0)
         return;
     /* the step after (in this direction's order) read this one's state, or this is the last */
-    const int next = s + 1 < f->T && make_step(f, s + 1).n > 0;
+    const int next = s + 1 < f->T && make_step(&f->seq, s + 1).n > 0;
     const real *d_h_n = g->d_h_n ? (const real *)g->d_h_n + f->d * f->P : NULL;
     const real *d_c_n = g->d_c_n ? (const real *)g->d_c_n + f->d * f->H : NULL;
     const real *d_out = g->d_out ? (const real *)g->d_out + (st.t * f->D + f->d) * f->P : NULL;
@@ -1539,7 +1427,7 @@ static void row_weights_item(const void *job, int64_t item, int half, int rank)
             real levels[SUM_LEVELS * V];
             int64_t count = 0;
             for (int64_t s = f->T - 1; s >= 0; s--) {
-                const step_t st = make_step(f, s);
+                const step_t st = make_step(&f->seq, s);
                 if (st.n > 0)
                     sum_push(levels, V, count++, vload(grad_row(w, st.t, 0) + c), V);
             }
@@ -1595,10 +1483,9 @@ static void row_backward(const bdir_t *w, real *dxp, int pair)
         row_backward_job(&job, 0, 1);
 }
 
-static void row_backward_fn(const void *dir, int rank, int size, lk_barrier *bar, int *sense)
+static void row_backward_fn(void *dir, const team_t *tm)
 {
-    (void)size, (void)bar, (void)sense;
-    if (rank == 0)
+    if (tm->rank == 0)
         row_backward(dir, NULL, 0);
 }
 
@@ -1609,7 +1496,7 @@ static void row_initial_grads(const bdir_t *w)
     const dir_t *f = &w->f;
     const lk_grads *g = w->g;
     int64_t first = 0;
-    while (first < f->T && make_step(f, first).n == 0)
+    while (first < f->T && make_step(&f->seq, first).n == 0)
         first++;
     const int none = first == f->T;
     const real *part = w->part + first * 2 * f->Pp, *dc = w->dcs + first * f->Hp;

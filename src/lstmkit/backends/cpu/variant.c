@@ -10,9 +10,9 @@
  * zc, zh, a recurrent mask). Layer norm needs statistics over a whole row of gates (4H) or of c
  * (H), so the row passes are split by rows of the batch, never by units.
  *
- * Threads: one OpenMP region per call; a team per direction as in kernel.c (a bidirectional
- * layer on two threads runs its directions side by side, one thread each; otherwise one team of
- * every thread runs the directions in turn). Within a team the GEMMs are split by columns (each
+ * Threads: one OpenMP region per call, the teams of driver.h (a bidirectional layer on two
+ * threads runs its directions side by side, one thread each; otherwise one team of every
+ * thread runs the directions in turn). Within a team the GEMMs are split by columns (each
  * member calls the BLAS, on one thread, for its columns: a step's work is too small for the
  * BLAS's own threads, which cost a wake-up per call and much more when another process holds a
  * core) and the row passes by rows, with a spin barrier between (three or four per step).
@@ -44,6 +44,7 @@
  */
 #include "lstm.h"
 #include "real.h"
+#include "driver.h"
 
 #define LN_EPS 1e-5
 /* Per-row statistics kept for backward, (R, STATS). */
@@ -114,13 +115,11 @@ typedef struct {
 } rowbuf;
 
 typedef struct {
-    const lk_layer *a;
-    int64_t d, rev, T, B, I, H, P, D, G, R;
+    LK_SEQ; /* the sequence's steps and rows (driver.h) */
+    int64_t G, R;
     int proj, keep;                  /* proj_size > 0; training (keep what backward needs) */
     int ln_ih, ln_hh, ln_c, peep;    /* the variants' flags */
     int zc, zh;                      /* zoneout of c, of h */
-    const int64_t *off;              /* (T + 1) first packed row of each step */
-    const real *xp, *h0, *c0;        /* xp: packed input (x itself without lengths) */
     const real *w_ih, *w_hh, *w_hr;  /* torch's layout */
     const real *g_ih, *g_hh;         /* (G) LN gains of the products */
     const real *g_c, *b_c;           /* (H) LN(c) gain and shift */
@@ -129,46 +128,12 @@ typedef struct {
     const real *zc_mask, *zh_mask;   /* (T, B, H), (T, B, P) keep-masks, or NULL */
     real zc_keep, zh_keep;           /* the keep probabilities without masks */
     real *bias;                      /* (G) b_ih + b_hh + the LN shifts of both products */
-    real *out, *cells, *ring;        /* ring: (2, B, H) last two cell states without cells */
     rowbuf X, A, Y, hm, m, stats;    /* see the file comment */
 } vdir;
-
-typedef struct {
-    int64_t t, prev, n, cont, row0; /* cont: rows continuing from prev; row0 = off[t] */
-} step_t;
-
-static step_t make_step(const vdir *w, int64_t s)
-{
-    step_t st;
-    st.t = w->rev ? w->T - 1 - s : s;
-    st.prev = w->rev ? st.t + 1 : st.t - 1;
-    st.n = lk_active(w->a, st.t);
-    st.cont = s == 0 ? 0 : min64(st.n, lk_active(w->a, st.prev));
-    st.row0 = w->off[st.t];
-    return st;
-}
 
 static real *row_of(const rowbuf *r, const step_t *st, int64_t b)
 {
     return r->base + ((r->packed ? st->row0 : 0) + b) * r->ld;
-}
-static real *out_row(const vdir *w, int64_t t, int64_t b)
-{
-    return w->out + (t * w->B + b) * w->D * w->P + w->d * w->P;
-}
-static real *cell_row(const vdir *w, int64_t t, int64_t b)
-{
-    if (w->cells != NULL)
-        return w->cells + (t * w->B + b) * w->D * w->H + w->d * w->H;
-    return w->ring + ((t & 1) * w->B + b) * w->H;
-}
-static const real *h_prev(const vdir *w, const step_t *st, int64_t b)
-{
-    return b < st->cont ? out_row(w, st->prev, b) : w->h0 + b * w->P;
-}
-static const real *c_prev(const vdir *w, const step_t *st, int64_t b)
-{
-    return b < st->cont ? cell_row(w, st->prev, b) : w->c0 + b * w->H;
 }
 /* Zoneout's keep probability for units [j, j + lanes) of row b at step t: the mask's or z. */
 LK_INLINE vec keep_c(const vdir *w, const step_t *st, int64_t b, int64_t j, int64_t lanes)
@@ -188,14 +153,9 @@ static void geometry(vdir *w, const lk_layer *a, const lk_variant *variants, int
 {
     const lk_variant *v = &variants[d];
     memset(w, 0, sizeof *w);
-    w->a = a;
-    w->d = d;
-    w->rev = d == 1;
-    w->T = a->T, w->B = a->B, w->I = a->I, w->H = a->H, w->P = a->P, w->D = a->D;
+    seq_init(&w->seq, a, d);
     w->G = 4 * a->H;
     w->proj = a->w[d][LK_W_HR] != NULL;
-    w->h0 = (const real *)a->h0 + d * a->B * a->P;
-    w->c0 = (const real *)a->c0 + d * a->B * a->H;
     w->w_ih = a->w[d][LK_W_IH];
     w->w_hh = a->w[d][LK_W_HH];
     w->w_hr = a->w[d][LK_W_HR];
@@ -215,8 +175,6 @@ static void geometry(vdir *w, const lk_layer *a, const lk_variant *variants, int
     w->zh_keep = (real)v->zoneout_hidden_keep;
     w->zc = w->zc_mask != NULL || w->zc_keep != 0;
     w->zh = w->zh_mask != NULL || w->zh_keep != 0;
-    w->out = a->out;
-    w->cells = a->cells;
 }
 
 /* b_ih + b_hh + the LN shifts of both products: everything added to the gates' sum. */
@@ -285,16 +243,6 @@ int64_t SUF(lk_variant_saved_elems)(const lk_layer *a, const lk_variant *v)
     return total;
 }
 
-/* A thread's place in the team that runs a direction: work inside a step is split by rows of
- * the batch (the row passes) or by columns (the GEMMs, one BLAS call per thread on its part). */
-typedef struct {
-    int rank, size;
-    lk_barrier *bar;
-    int *sense;
-} team_t;
-
-static void team_wait(const team_t *tm) { lk_barrier_wait(tm->bar, tm->sense); }
-
 /* This thread's [begin, end) of n rows. */
 static void my_rows(const team_t *tm, int64_t n, int64_t *begin, int64_t *end)
 {
@@ -308,54 +256,6 @@ static void my_columns(const team_t *tm, int64_t n, int64_t *begin, int64_t *end
     lk_split((n + 15) / 16, tm->rank, tm->size, &b0, &b1);
     *begin = min64(b0 * 16, n);
     *end = min64(b1 * 16, n);
-}
-
-/* Runs fn(dirs[d], team) for every direction: two teams side by side for a bidirectional layer
- * on two or more threads, else one team that runs the directions one after the other (see
- * lk_make_teams). The BLAS runs on one thread in each member, which calls it on its part. */
-typedef void (*direction_fn)(void *dir, const team_t *tm);
-
-static void run_teams(direction_fn fn, void *dirs, size_t dir_bytes, int64_t D, int threads)
-{
-    char *first = dirs;
-    lk_barrier bars[2];
-    if (threads <= 1) {
-        int sense = 0;
-        lk_barrier_init(&bars[0], 1);
-        const team_t alone = {0, 1, &bars[0], &sense};
-        for (int64_t d = 0; d < D; d++)
-            fn(first + d * dir_bytes, &alone);
-        return;
-    }
-    const lk_teams teams = lk_make_teams(D, threads);
-    for (int k = 0; k < teams.teams; k++)
-        lk_barrier_init(&bars[k], teams.size);
-#pragma omp parallel num_threads(teams.teams * teams.size)
-    {
-        int sense = 0, id = 0, got = 1;
-#ifdef _OPENMP
-        id = omp_get_thread_num();
-        got = omp_get_num_threads();
-#endif
-        const int old = lk_blas_threads ? lk_blas_threads(1) : 0;
-        if (got != teams.teams * teams.size) {
-            /* Fewer threads than asked for (nested region, thread limit): thread 0 does all. */
-            if (id == 0) {
-                lk_barrier one;
-                lk_barrier_init(&one, 1);
-                const team_t alone = {0, 1, &one, &sense};
-                for (int64_t d = 0; d < D; d++)
-                    fn(first + d * dir_bytes, &alone);
-            }
-        } else {
-            const int team = id / teams.size;
-            const team_t tm = {id % teams.size, teams.size, &bars[team], &sense};
-            for (int64_t d = team; d < D; d += teams.teams)
-                fn(first + d * dir_bytes, &tm);
-        }
-        if (lk_blas_threads)
-            lk_blas_threads(old);
-    }
 }
 
 /* ---- forward ---- */
@@ -376,9 +276,9 @@ static void zoneout_row(real *dst, const real *prev, const real *mask, real keep
 static void cell_forward(const vdir *w, const step_t *st, int64_t b)
 {
     const int64_t H = w->H;
-    const real *x = row_of(&w->X, st, b), *cp = c_prev(w, st, b);
+    const real *x = row_of(&w->X, st, b), *cp = c_prev(&w->seq, st, b);
     real *y = row_of(&w->Y, st, b), *gates = row_of(&w->A, st, b);
-    real *c = cell_row(w, st->t, b);
+    real *c = cell_row(&w->seq, st->t, b);
     real *stats = w->stats.base != NULL ? row_of(&w->stats, st, b) : NULL;
     if (w->ln_hh)
         stats[STAT_RSTD_Y] = normalize(y, w->G);
@@ -416,8 +316,8 @@ static void cell_forward(const vdir *w, const step_t *st, int64_t b)
         stats[STAT_MEAN_C] = mean;
         stats[STAT_RSTD_C] = rstd;
     }
-    real *h = w->proj ? row_of(&w->m, st, b) : out_row(w, st->t, b);
-    const real *hp = w->zh && !w->proj ? h_prev(w, st, b) : NULL;
+    real *h = w->proj ? row_of(&w->m, st, b) : out_row(&w->seq, st->t, b);
+    const real *hp = w->zh && !w->proj ? h_prev(&w->seq, st, b) : NULL;
     for (int64_t j = 0; j < H; j += V) {
         const int64_t lanes = min64(V, H - j);
         const vec cn = vload_n(c + j, lanes);
@@ -456,10 +356,10 @@ static void forward_direction(void *dir, const team_t *tm)
         }
     }
     for (int64_t s = 0; s < w->T; s++) {
-        const step_t st = make_step(w, s);
+        const step_t st = make_step(&w->seq, s);
         my_rows(tm, st.n, &r0, &r1);
         for (int64_t b = r0; b < r1; b++) { /* hm = mask * h_{t-1} */
-            const real *src = h_prev(w, &st, b);
+            const real *src = h_prev(&w->seq, &st, b);
             real *dst = row_of(&w->hm, &st, b);
             if (w->mask == NULL)
                 memcpy(dst, src, (size_t)P * sizeof(real));
@@ -476,17 +376,17 @@ static void forward_direction(void *dir, const team_t *tm)
         int64_t pad0, pad1; /* padded steps: zero output and cells */
         my_rows(tm, w->B - st.n, &pad0, &pad1);
         for (int64_t b = st.n + pad0; b < st.n + pad1; b++) {
-            memset(out_row(w, st.t, b), 0, (size_t)P * sizeof(real));
+            memset(out_row(&w->seq, st.t, b), 0, (size_t)P * sizeof(real));
             if (w->cells != NULL)
-                memset(cell_row(w, st.t, b), 0, (size_t)H * sizeof(real));
+                memset(cell_row(&w->seq, st.t, b), 0, (size_t)H * sizeof(real));
         }
         if (w->proj) {
             team_wait(tm); /* m complete */
             gemm(0, 1, st.n, p1 - p0, H, 1, row_of(&w->m, &st, 0), H, w->w_hr + p0 * H, H, 0,
-                 out_row(w, st.t, 0) + p0, DP);
+                 out_row(&w->seq, st.t, 0) + p0, DP);
             if (w->zh)
                 for (int64_t b = 0; b < st.n; b++)
-                    zoneout_row(out_row(w, st.t, b) + p0, h_prev(w, &st, b) + p0,
+                    zoneout_row(out_row(&w->seq, st.t, b) + p0, h_prev(&w->seq, &st, b) + p0,
                                 w->zh_mask ? w->zh_mask + (st.t * w->B + b) * P + p0 : NULL,
                                 w->zh_keep, p1 - p0);
         }
@@ -533,17 +433,8 @@ int SUF(lk_variant_forward)(const lk_layer *a, const lk_variant *v)
     const int threads = lk_threads(a, lk_layer_flops(a));
     const int blas_threads = lk_blas_threads ? lk_blas_threads(threads) : 0;
     run_teams(forward_direction, dirs, sizeof dirs[0], a->D, threads);
-    for (int64_t d = 0; d < a->D; d++) { /* final states: each row's last step, or h0 / c0 */
-        const vdir *w = &dirs[d];
-        for (int64_t b = 0; b < a->B; b++) {
-            const int64_t len = a->lengths ? a->lengths[b] : a->T;
-            const int64_t last = w->rev ? 0 : len - 1;
-            const real *h = len > 0 ? out_row(w, last, b) : w->h0 + b * a->P;
-            const real *c = len > 0 ? cell_row(w, last, b) : w->c0 + b * a->H;
-            memcpy((real *)a->h_n + (d * a->B + b) * a->P, h, (size_t)a->P * sizeof(real));
-            memcpy((real *)a->c_n + (d * a->B + b) * a->H, c, (size_t)a->H * sizeof(real));
-        }
-    }
+    for (int64_t d = 0; d < a->D; d++)
+        final_states(&dirs[d].seq);
     if (lk_blas_threads)
         lk_blas_threads(blas_threads);
     lk_workspace_give(block);
@@ -596,7 +487,7 @@ static void cell_backward(const vback *w, const own_t *own, const step_t *st, in
 {
     const vdir *f = &w->f;
     const int64_t H = f->H;
-    const real *gates = row_of(&f->A, st, b), *cp = c_prev(f, st, b);
+    const real *gates = row_of(&f->A, st, b), *cp = c_prev(&f->seq, st, b);
     const real *stats = f->stats.base != NULL ? row_of(&f->stats, st, b) : NULL;
     const real *d_cells = w->g->d_cells;
     const real *dcell =
@@ -745,7 +636,7 @@ static void backward_direction(void *dir, const team_t *tm)
     my_columns(tm, P, &p0, &p1);
     my_columns(tm, G, &g0, &g1);
     for (int64_t s = f->T - 1; s >= 0; s--) {
-        const step_t st = make_step(f, s);
+        const step_t st = make_step(&f->seq, s);
         my_rows(tm, st.n, &r0, &r1);
         output_grads(w, &st, r0, r1);
         if (f->proj) {
