@@ -128,6 +128,10 @@ def test_the_loaded_kernels_have_this_machines_plan() -> None:
     shown = "\n".join(report.report_lines())
     assert f"tier {loaded.tier.name}" in shown
     assert f"up to {machine._size(int(loaded.plan.row_bytes))}" in shown
+    assert f"barrier spins {machine._micros(loaded.plan.barrier_spin_ns)}" in shown
+    # the waits are counted in the kernels' clock, measured against the monotonic clock
+    assert 0.05 < library.ticks_per_ns(loaded) < 20.0
+    assert f"{library.ticks_per_ns(loaded):.3g} ticks per ns" in shown
 
 
 @pytest.mark.parametrize(

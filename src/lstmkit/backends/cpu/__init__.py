@@ -70,6 +70,10 @@ class CpuBackend(Backend):
         if library.failure() is None:
             loaded = library.load()
             lines += [f"plan: {line}" for line in loaded.plan.describe()]
+            lines.append(
+                f"clock of the waits: {library.ticks_per_ns(loaded):.3g} ticks per ns "
+                "(the time-stamp counter where there is one, measured when loaded)"
+            )
             lines.append(f"choices: {loaded.tuning}")
             kept = tuner.stored(loaded.path)[0]
             lines += [f"  {line}" for line in kept.describe()] if kept is not None else []

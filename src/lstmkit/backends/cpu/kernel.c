@@ -627,8 +627,6 @@ static void forward_direction(const dir_t *w, const team_t *tm)
  * in backward). A BLAS call writes into scratch of the rank (`scratch`, one per thread), which
  * is then copied into place. lk_pair_run returns only when the helper is out of the job. */
 
-#define LK_SLACK_TICKS 2000 /* about a microsecond: the partner's head start */
-
 typedef void (*item_fn)(const void *job, int64_t item, int half, int rank);
 
 /* The counts of a sequence of items, per half: claimed by a thread, and finished. */
@@ -656,8 +654,9 @@ static void compute(const void *job, item_fn fn, halves_t *c, int64_t i, int h, 
  * computing), yielding the core after a while (the partner may be descheduled inside it). */
 static void wait_done(halves_t *c, int h, int64_t i)
 {
-    for (unsigned spins = 0; lk_count_get(&c->done[h]) <= i; spins++)
-        if (spins < 4096)
+    const uint64_t start = lk_ticks();
+    while (lk_count_get(&c->done[h]) <= i)
+        if (lk_ticks() - start < lk_waits.claimed_spin)
             lk_pause();
         else
             sched_yield();
@@ -686,7 +685,7 @@ static void lk_items(const void *job, item_fn fn, int64_t n, halves_t *c, int ra
         if (claim(c, own, i))
             compute(job, fn, c, i, own, rank);
         const uint64_t took = lk_ticks() - start;
-        if (lk_count_wait(&c->done[other], i, partner ? 2 * took + LK_SLACK_TICKS : took / 4)) {
+        if (lk_count_wait(&c->done[other], i, partner ? 2 * took + lk_waits.slack : took / 4)) {
             partner = 1;
         } else if (claim(c, other, i)) {
             compute(job, fn, c, i, other, rank);

@@ -419,6 +419,12 @@ def blas_found() -> str | None:
     return None if found is None else found[3]
 
 
+def ticks_per_ns(library: Library) -> float:
+    """The rate of the kernels' clock for short waits, as lk_set_plan measured it."""
+    library.cdll.lk_ticks_per_ns.restype = ctypes.c_double
+    return float(library.cdll.lk_ticks_per_ns())
+
+
 def _set_plan(cdll: ctypes.CDLL, plan: machine.Plan) -> None:
     cdll.lk_set_plan.argtypes = [ctypes.c_char_p]
     cdll.lk_set_plan.restype = None

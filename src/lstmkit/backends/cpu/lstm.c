@@ -41,10 +41,49 @@ int lk_plan_bytes(void) { return (int)sizeof(lk_plan); }
 
 /* ---- the plan's machine-derived thresholds (see lk_plan in lstm.h) ---- */
 
-lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7, 0.0};
+lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7, 0.0,
+                      20000.0,  50000.0, 1000.0,  50000.0, 5000.0};
+lk_wait_ticks lk_waits = {20000, 50000, 1000, 50000, 5000, 1.0};
 
-/* Called once, when Python loads the library, before any kernel runs. */
-void lk_set_plan(const lk_plan *plan) { lk_planned = *plan; }
+static uint64_t now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+/* lk_ticks per nanosecond: counted over a millisecond of the monotonic clock (the time-stamp
+ * counter's rate is the CPU's, not a constant); 1 where lk_ticks is that clock. */
+static double measure_ticks_per_ns(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    const uint64_t t0 = now_ns(), k0 = lk_ticks();
+    uint64_t t1;
+    while ((t1 = now_ns()) - t0 < 1000000)
+        ;
+    return (double)(lk_ticks() - k0) / (double)(t1 - t0);
+#else
+    return 1.0;
+#endif
+}
+
+double lk_ticks_per_ns(void) { return lk_waits.per_ns; }
+
+/* Called when Python loads the library, before any kernel runs (and by the tuner, between
+ * calls); the tick rate is measured on the first call. */
+void lk_set_plan(const lk_plan *plan)
+{
+    static double per_ns;
+    if (per_ns == 0)
+        per_ns = measure_ticks_per_ns();
+    lk_planned = *plan;
+    lk_waits.per_ns = per_ns;
+    lk_waits.barrier_spin = (uint64_t)(plan->barrier_spin_ns * per_ns);
+    lk_waits.claimed_spin = (uint64_t)(plan->claimed_spin_ns * per_ns);
+    lk_waits.slack = (uint64_t)(plan->slack_ns * per_ns);
+    lk_waits.idle_spin = (uint64_t)(plan->idle_spin_ns * per_ns);
+    lk_waits.join_spin = (uint64_t)(plan->join_spin_ns * per_ns);
+}
 
 /* ---- workspaces (see lk_workspace_take in lstm.h) ---- */
 
@@ -111,8 +150,6 @@ void lk_workspace_give(lk_block *block)
 #endif
 
 enum { PAIR_IDLE, PAIR_POSTED, PAIR_TAKEN };
-#define PAIR_IDLE_SPIN_NS 50000 /* the helper's spin for the next job before it sleeps */
-#define PAIR_JOIN_SPINS 256     /* the caller's pauses for a helper still in fn, then it sleeps */
 #define PAIR_JOIN_NS 20000      /* a longer wait for the helper to leave makes the job late */
 #define PAIR_BACKOFF_MAX 256    /* most jobs run alone after late ones, before the next try */
 
@@ -148,24 +185,16 @@ static void pair_wake(atomic_int *word)
 #endif
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
 static int min_int(int a, int b) { return a < b ? a : b; }
 
 static void *pair_helper(void *unused)
 {
     (void)unused;
     for (;;) {
-        const uint64_t idle_since = now_ns();
+        const uint64_t idle_since = lk_ticks();
         while (atomic_load(&pair.state) != PAIR_POSTED) {
-            for (int k = 0; k < 64; k++)
-                lk_pause();
-            if (now_ns() - idle_since < PAIR_IDLE_SPIN_NS)
+            lk_pause();
+            if (lk_ticks() - idle_since < lk_waits.idle_spin)
                 continue;
             atomic_store(&pair.sleeping, 1);
             if (atomic_load(&pair.state) == PAIR_IDLE)
@@ -247,8 +276,8 @@ void lk_pair_run(lk_pair_fn fn, void *arg)
     if (atomic_compare_exchange_strong(&pair.state, &posted, PAIR_IDLE)) {
         late = 1;
     } else {
-        const uint64_t finished = now_ns();
-        for (int k = 0; k < PAIR_JOIN_SPINS && atomic_load(&pair.state) == PAIR_TAKEN; k++)
+        const uint64_t finished = now_ns(), spin_since = lk_ticks();
+        while (atomic_load(&pair.state) == PAIR_TAKEN && lk_ticks() - spin_since < lk_waits.join_spin)
             lk_pause();
         atomic_store(&pair.waiting, 1);
         while (atomic_load(&pair.state) == PAIR_TAKEN)

@@ -36,8 +36,40 @@ typedef struct {
                             one costs more than it saves, much more when a core is taken */
     double one_team;     /* nonzero: two directions share one team of every thread, one
                             direction after the other, instead of a team each side by side */
+    /* waits, in nanoseconds (lk_waits has them in lk_ticks) */
+    double barrier_spin_ns; /* a team's barrier spins this long, then yields its core */
+    double claimed_spin_ns; /* a batch-1 thread waits so for the half its partner claimed */
+    double slack_ns;        /* a batch-1 partner's head start (see lk_items in kernel.c) */
+    double idle_spin_ns;    /* the pair's helper spins so for the next job, then sleeps */
+    double join_spin_ns;    /* the caller spins so for a helper still in the job, then sleeps */
 } lk_plan;
 extern lk_plan lk_planned;
+
+/* The plan's waits in lk_ticks, from the tick rate measured once per process (lk_set_plan). */
+typedef struct {
+    uint64_t barrier_spin, claimed_spin, slack, idle_spin, join_spin;
+    double per_ns; /* lk_ticks per nanosecond */
+} lk_wait_ticks;
+extern lk_wait_ticks lk_waits;
+
+/* A clock for short waits: the time-stamp counter where there is one, else nanoseconds. */
+static inline uint64_t lk_ticks(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    return __builtin_ia32_rdtsc();
+#else
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+#endif
+}
+
+static inline void lk_pause(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
 
 /* A direction's weights, in the order of lstmkit.reference.LayerWeights. */
 enum lk_weight {
@@ -117,15 +149,12 @@ static inline void lk_barrier_wait(lk_barrier *b, int *local_sense)
         atomic_store_explicit(&b->sense, sense, memory_order_release);
         return;
     }
-    for (unsigned spins = 0; atomic_load_explicit(&b->sense, memory_order_acquire) != sense;) {
-        if (++spins < 512) { /* about 20 us of PAUSE, then give the core away */
-#if defined(__x86_64__) || defined(__i386__)
-            __builtin_ia32_pause();
-#endif
-        } else {
-            sched_yield();
-        }
-    }
+    const uint64_t start = lk_ticks();
+    while (atomic_load_explicit(&b->sense, memory_order_acquire) != sense)
+        if (lk_ticks() - start < lk_waits.barrier_spin)
+            lk_pause();
+        else
+            sched_yield(); /* the partner may be descheduled: give the core away */
 }
 
 /* ---- a pair: the calling thread and one helper thread, for work the caller can finish alone ----
@@ -155,25 +184,6 @@ typedef struct {
 static inline long long lk_count_get(lk_count *c)
 {
     return atomic_load_explicit(&c->n, memory_order_acquire);
-}
-
-/* A clock for short waits: the time-stamp counter where there is one. */
-static inline uint64_t lk_ticks(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    return __builtin_ia32_rdtsc();
-#else
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
-#endif
-}
-
-static inline void lk_pause(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#endif
 }
 
 /* Waits at most `ticks` for c > n; returns whether it is. */

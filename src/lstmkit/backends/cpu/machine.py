@@ -123,6 +123,12 @@ class Plan:
     pass_bytes: float  # panel path: bytes of a weight panel per pass, kept in L2
     serial_flops: float  # below this many flops a call runs on one thread
     one_team: float = 0.0  # nonzero: two directions share one team (tuned), else a team each
+    # waits, in nanoseconds; the kernels count them in their clock's ticks (see describe)
+    barrier_spin_ns: float = 20_000.0  # a team's barrier spins, then yields its core
+    claimed_spin_ns: float = 50_000.0  # batch 1: the wait for a half the partner claimed
+    slack_ns: float = 1_000.0  # batch 1: the partner's head start before a thread takes its half
+    idle_spin_ns: float = 50_000.0  # the pair's helper spins for the next job, then sleeps
+    join_spin_ns: float = 5_000.0  # the caller spins for a helper still in the job, then sleeps
 
     def describe(self) -> list[str]:
         return [
@@ -141,6 +147,13 @@ class Plan:
                 if self.one_team
                 else "side by side, each on its own half of the threads"
             ),
+            f"waits: a team's barrier spins {_micros(self.barrier_spin_ns)} before it yields "
+            f"its core, a batch-1 thread {_micros(self.claimed_spin_ns)} for a half its partner "
+            f"is computing and gives the partner {_micros(self.slack_ns)} of head start; the "
+            f"helper thread spins {_micros(self.idle_spin_ns)} for the next job, the caller "
+            f"{_micros(self.join_spin_ns)} for the helper to finish, before they sleep (a few "
+            "wake-ups of a thread: a shorter spin costs a wake-up on every step, a longer one "
+            "the core of a process that needs it)",
         ]
 
 
@@ -189,6 +202,10 @@ def describe(facts: Machine) -> list[str]:
         f"core, {l3}",
         f"vector features: {' '.join(vector) or 'none known'}",
     ]
+
+
+def _micros(nanos: float) -> str:
+    return f"{nanos / 1000:g} us"
 
 
 def _size(count: int) -> str:
