@@ -27,6 +27,10 @@ def sysfs_size(level: int, kinds: tuple[str, ...]) -> int | None:
 def test_cache_sizes_are_this_machines() -> None:
     facts = machine.read()
     assert facts.cores == len(os.sched_getaffinity(0))
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():  # MemTotal is the same physical memory, less what the kernel holds
+        total = int(meminfo.read_text().split("MemTotal:")[1].split()[0]) * 1024
+        assert total <= facts.memory < total * 1.1
     if not SYSFS.is_dir():  # then they come from sysconf, or are assumed and said to be
         assert facts.caches_from in ("sysconf", "assumed")
         return
@@ -118,6 +122,11 @@ def test_the_plan_follows_the_machine() -> None:
         256 * 1024,
     )
     assert on_big.serial_flops == 2 * machine.plan(big, avx2).serial_flops  # twice the width
+    # the workspace kept between calls: a sixteenth of the memory, at least 64 MiB
+    roomy = dataclasses.replace(big, memory=32 * 1024**3)
+    tight = dataclasses.replace(small, memory=512 * 1024**2)
+    assert machine.plan(roomy, avx512).keep_bytes == 2 * 1024**3
+    assert machine.plan(tight, avx2).keep_bytes == 64 * 1024**2
 
 
 def test_the_loaded_kernels_have_this_machines_plan() -> None:

@@ -41,8 +41,8 @@ int lk_plan_bytes(void) { return (int)sizeof(lk_plan); }
 
 /* ---- the plan's machine-derived thresholds (see lk_plan in lstm.h) ---- */
 
-lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7, 0.0,
-                      20000.0,  50000.0, 1000.0,  50000.0, 5000.0};
+lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7,    0.0,
+                      20000.0,  50000.0, 1000.0,  50000.0, 5000.0, 67108864.0};
 lk_wait_ticks lk_waits = {20000, 50000, 1000, 50000, 5000, 1.0};
 
 static uint64_t now_ns(void)
@@ -123,7 +123,7 @@ lk_block *lk_workspace_take(size_t bytes)
 
 void lk_workspace_give(lk_block *block)
 {
-    if (block->bytes > LK_KEEP_BYTES) {
+    if ((double)block->bytes > lk_planned.keep_bytes) {
         block_free(block);
         return;
     }

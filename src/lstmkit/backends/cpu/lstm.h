@@ -42,6 +42,7 @@ typedef struct {
     double slack_ns;        /* a batch-1 partner's head start (see lk_items in kernel.c) */
     double idle_spin_ns;    /* the pair's helper spins so for the next job, then sleeps */
     double join_spin_ns;    /* the caller spins so for a helper still in the job, then sleeps */
+    double keep_bytes;      /* the biggest workspace kept between calls (lk_workspace_give) */
 } lk_plan;
 extern lk_plan lk_planned;
 
@@ -219,11 +220,9 @@ static inline void lk_advise_huge(void *p, size_t bytes)
 
 /* A workspace: `bytes` at `p`, aligned for 2 MB pages when it is big enough to use them.
  * lk_workspace_take gives one of at least `bytes` (NULL if memory ran out), lk_workspace_give
- * takes it back. The process keeps the biggest given back, up to LK_KEEP_BYTES, for the next
- * call: a fresh one is written page by page on first use, and each page costs a fault and its
- * zeroing (1.5 to 2 ms for the 6 MB of a batch-1 layer with H = 512, up to a sixth of its call).
- * Lock-free: concurrent calls each take their own. */
-#define LK_KEEP_BYTES ((size_t)64 << 20)
+ * takes it back. The process keeps the biggest given back, up to the plan's keep_bytes, for
+ * the next call: a fresh one is written page by page on first use, and each page costs a fault
+ * and its zeroing. Lock-free: concurrent calls each take their own. */
 typedef struct {
     void *p;
     size_t bytes;

@@ -252,24 +252,32 @@ static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
  * running sum per element (a BLAS blocks k too, but adds its blocks one after the other, and
  * small shapes not at all), so the rows go in chunks of GEMM_CHUNK_ROWS, one GEMM each, summed
  * pairwise (as sum_push, whole matrices: chunk c goes into the free level, the full ones below
- * are added to it). `levels`: gemm_levels(m, n, k) reals. The chunks are fixed by k, so the
- * sums are the same whatever the threads. 256 rows keep the BLAS near its speed. */
+ * are added to it). `levels`: gemm_levels(m, n, k) reals. The chunks are fixed by the shape
+ * and the plan, so the sums are the same whatever the threads. 256 rows keep the BLAS near its
+ * speed. A result bigger than L2 (the plan's row_bytes) takes proportionally longer chunks:
+ * adding levels that stream from memory cost as much as a third of the GEMMs (H = 1024), and a
+ * GEMM that size blocks its k itself. */
 #define GEMM_CHUNK_ROWS 256
+static inline int64_t gemm_chunk_rows(int64_t m, int64_t n)
+{
+    const double l2s = (double)m * (double)n * sizeof(real) / lk_planned.row_bytes;
+    return l2s > 1 ? GEMM_CHUNK_ROWS * (int64_t)ceil(l2s) : GEMM_CHUNK_ROWS;
+}
 static inline int64_t gemm_levels(int64_t m, int64_t n, int64_t k)
 {
-    const int64_t chunks = (k + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS;
+    const int64_t per = gemm_chunk_rows(m, n), chunks = (k + per - 1) / per;
     return chunks <= 1 ? 0 : sum_levels(chunks) * m * n;
 }
 static inline void gemm_tn_rows(int64_t m, int64_t n, int64_t k, const real *A, int64_t lda,
                                 const real *B, int64_t ldb, real *C, int64_t ldc, real *levels)
 {
-    const int64_t chunks = (k + GEMM_CHUNK_ROWS - 1) / GEMM_CHUNK_ROWS, mn = m * n;
+    const int64_t per = gemm_chunk_rows(m, n), chunks = (k + per - 1) / per, mn = m * n;
     if (chunks <= 1) {
         gemm(1, 0, m, n, k, 1, A, lda, B, ldb, 0, C, ldc);
         return;
     }
     for (int64_t c = 0; c < chunks; c++) {
-        const int64_t r0 = c * GEMM_CHUNK_ROWS, rows = min64(GEMM_CHUNK_ROWS, k - r0);
+        const int64_t r0 = c * per, rows = min64(per, k - r0);
         int64_t j = 0;
         while (c >> j & 1)
             j++;
