@@ -59,6 +59,10 @@ LAYERS = [
     Layer("panel-passes-forward", 2, 3, 4, 520, proj=515),
     # the input's panel (x_t W_ih^T, inside the step) longer than one pass, with lengths
     Layer("panel-passes-input", 3, 8, 600, 24, directions=2, lengths=(3, 3, 2, 1, 1, 1, 0, 0)),
+    # fewer rows than a tile and weights past L2 (up to 4 MB here): the input projection of
+    # every step before the loop; with lengths, both directions, and a projection at batch 1
+    Layer("hoisted-input", 4, 3, 300, 300, directions=2, lengths=(4, 2, 1)),
+    Layer("hoisted-input-proj", 3, 1, 260, 400, proj=200, cells=True),
     Layer("threads", 8, 24, 64, 96, directions=1),  # enough work for a team of threads
     Layer("threads-proj", 8, 24, 64, 96, proj=40, directions=1, lengths=(8,) * 20 + (5, 3, 2, 0)),
     # batch 1: weights small enough to be packed, torch's rows with the input projection inside
@@ -211,7 +215,14 @@ def one_and_two_threads(layer: Layer, dtype: torch.dtype = torch.float32) -> lis
 
 @pytest.mark.parametrize(
     "name",
-    ["threads", "batch-1-threads", "batch-1-pair", "batch-1-pair-partial", "batch-1-pair-bi"],
+    [
+        "threads",
+        "hoisted-input",
+        "batch-1-threads",
+        "batch-1-pair",
+        "batch-1-pair-partial",
+        "batch-1-pair-bi",
+    ],
 )
 def test_same_bits_on_one_and_two_threads(cpu_tier: str, name: str) -> None:
     """A team of two threads splits the units of each step: the results do not change a bit."""

@@ -98,6 +98,7 @@ typedef struct {
     int64_t Pb, Pp;     /* panels of W columns over P, padded P */
     int proj, keep;     /* proj_size > 0; training (keep the gates) */
     int row, fuse;      /* batch 1 (see row_block); its input projection inside the step */
+    int hoist;          /* panel path: x W_ih^T of every step before the loop (see geometry) */
     int small;          /* batch 1 with [W_ih W_hh]^T packed in wt (see row_blocks) */
     int pair;           /* row, not small, on two threads: each step's cells kept (lk_items) */
     int packed;         /* the packed weights below are already in place (lk_layer.packed) */
@@ -105,6 +106,7 @@ typedef struct {
                                  kept for backward, else (B, Gp) for one step */
     real *m;                  /* proj: m = o * tanh(c), (R, Hp) kept, or (B, Hp) for one step */
     real *pre;                /* row without fuse: (R, G) x W_ih^T in torch's gate order */
+    real *xw;                 /* hoist: (R, Gp) b + x W_ih^T, packed rows (G itself if kept) */
     real *wt;                 /* small: (I + P, Gp) [W_ih W_hh]^T, permuted columns */
     real *scratch;            /* row: each rank's output of BLAS calls (see lk_items) */
     const real *w_ih, *w_hh;  /* torch's weights, as given */
@@ -146,6 +148,11 @@ static void geometry(dir_t *w, const lk_layer *a, int64_t d)
     w->row = a->B == 1 && !w->proj && (double)(4 * a->H * a->P) * sizeof(real) <= plan->row_bytes;
     w->small = w->row && (double)((a->I + a->P) * w->Gp) * sizeof(real) <= plan->small_bytes;
     w->fuse = w->small || (w->row && (double)(4 * a->H * a->I) * sizeof(real) <= plan->fuse_bytes);
+    /* Fewer rows than a register tile's, and weights that do not stay in one core's L2 between
+     * steps: inside the step, the projection would stream W_ih from L3 every step for the
+     * work of a few rows; before the loop, one pass over W_ih serves every step's rows. */
+    w->hoist = !w->row && a->B < TILE_ROWS &&
+               (double)((a->I + a->P) * w->Gp) * sizeof(real) > plan->row_bytes;
     w->w_ih = a->w[d][LK_W_IH];
     w->w_hh = a->w[d][LK_W_HH];
 }
@@ -572,6 +579,12 @@ static void forward_direction(const dir_t *w, const team_t *tm)
     const int64_t DP = w->D * w->P;
     if (!w->row && !w->packed)
         pack_forward(w, b0, b1, p0, p1);
+    const rows_t none = rows(NULL, 0);
+    for (int64_t blk = b0; blk < b1 && w->hoist; blk++) { /* own columns: no barrier after */
+        const panel_t pi = packed_panel(w->wi, blk, w->I, W);
+        const rows_t x = rows((real *)w->xp, w->I), xw = rows(w->xw + blk * W, w->Gp);
+        panel_rows(w->off[w->T], w->I, &x, &pi, &none, w->bias + blk * W, &xw);
+    }
     for (int64_t s = 0; s < w->T; s++) {
         const step_t st = make_step(&w->seq, s);
         /* h_{t-1}: the previous step's output, or h0 for rows that start here */
@@ -585,13 +598,15 @@ static void forward_direction(const dir_t *w, const team_t *tm)
                 row_blocks_1(w, &st, blk);
         }
         /* x_t: the packed input's rows of step t */
-        const rows_t x = rows((real *)w->xp + w->off[st.t] * w->I, w->I), none = rows(NULL, 0);
+        const rows_t x = rows((real *)w->xp + w->off[st.t] * w->I, w->I);
         for (int64_t blk = b0; blk < b1 && !w->row; blk++) {
             const panel_t pi = packed_panel(w->wi, blk, w->I, W);
             const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
-            panel_rows(st.n, w->I, &x, &pi, &none, w->bias + blk * W, &g);
-            panel_rows(st.n, w->P, &h, &p, &g, NULL, &g);
+            const rows_t xw = rows(w->hoist ? w->xw + w->off[st.t] * w->Gp + blk * W : NULL, w->Gp);
+            if (!w->hoist)
+                panel_rows(st.n, w->I, &x, &pi, &none, w->bias + blk * W, &g);
+            panel_rows(st.n, w->P, &h, &p, w->hoist ? &xw : &g, NULL, &g);
             gate_update(w, &st, blk);
         }
         for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */
@@ -602,7 +617,7 @@ static void forward_direction(const dir_t *w, const team_t *tm)
         }
         if (w->proj) {
             team_wait(tm); /* m of this step complete */
-            const rows_t m = rows(m_row(w, st.t, 0), w->Hp), none = rows(NULL, 0);
+            const rows_t m = rows(m_row(w, st.t, 0), w->Hp);
             for (int64_t pb = p0; pb < p1; pb++) {
                 const panel_t p = packed_panel(w->wp, pb, w->Hp, w->P - pb * W);
                 const rows_t out = rows(out_row(&w->seq, st.t, 0) + pb * W, DP);
@@ -926,6 +941,7 @@ static size_t forward_workspace(dir_t *dirs, const lk_layer *a, int64_t R, char 
             w->G = w->row ? NULL : TAKE(&arena, a->B * w->Gp);
             w->m = w->proj ? TAKE(&arena, a->B * w->Hp) : NULL;
         }
+        w->xw = !w->hoist ? NULL : w->keep ? w->G : TAKE(&arena, R * w->Gp);
         w->ring = a->cells == NULL && !w->pair ? TAKE(&arena, 2 * a->B * a->H) : NULL;
         if (a->cells == NULL && w->pair)
             w->cells = TAKE(&arena, a->T * a->B * a->H);

@@ -212,6 +212,56 @@ static inline int64_t sum_levels(int64_t count)
 
 /* ---- GEMM on row-major matrices: C (m x n) = alpha op(A) op(B) + beta C ---- */
 
+static inline void blas_call(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                             real alpha, const real *A, int64_t lda, const real *B, int64_t ldb,
+                             real beta, real *C, int64_t ldc)
+{
+    /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. */
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int mm = (int)n, nn = (int)m, kk = (int)k;
+    const int la = (int)ldb, lb = (int)lda, lc = (int)ldc;
+    BLAS_GEMM(&tb, &ta, &mm, &nn, &kk, &alpha, B, &la, A, &lb, &beta, C, &lc);
+}
+
+/* The BLAS on one thread per piece: the larger of m and n in pieces fixed by the shape alone
+ * (at most BLAS_PIECES, at least 64 wide), the threads taking whole pieces. A BLAS on several
+ * threads of its own may split k between them (MKL did, for a thin dx = dA W_ih), and then the
+ * sums, and the bits, depend on the thread count; one piece on one BLAS thread is the same
+ * computation whoever runs it. */
+#define BLAS_PIECES 8
+static inline void blas_gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k,
+                             real alpha, const real *A, int64_t lda, const real *B, int64_t ldb,
+                             real beta, real *C, int64_t ldc)
+{
+    const int by_rows = m >= n;
+    const int64_t span = by_rows ? m : n;
+    int64_t piece = (span + BLAS_PIECES - 1) / BLAS_PIECES;
+    piece = piece < 64 ? 64 : (piece + 15) / 16 * 16;
+    const int64_t pieces = (span + piece - 1) / piece;
+    int threads = lk_gemm_threads();
+#ifdef _OPENMP
+    if (omp_in_parallel())
+        threads = 1;
+#endif
+    threads = threads > pieces ? (int)pieces : threads;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+        const int old = lk_blas_threads != NULL ? lk_blas_threads(1) : 0;
+#pragma omp for schedule(static)
+        for (int64_t q = 0; q < pieces; q++) {
+            const int64_t s0 = q * piece, len = min64(piece, span - s0);
+            if (by_rows) /* rows s0.. of C and of op(A) */
+                blas_call(trans_a, trans_b, len, n, k, alpha, trans_a ? A + s0 : A + s0 * lda,
+                          lda, B, ldb, beta, C + s0 * ldc, ldc);
+            else /* columns s0.. of C and of op(B) */
+                blas_call(trans_a, trans_b, m, len, k, alpha, A, lda,
+                          trans_b ? B + s0 * ldb : B + s0, ldb, beta, C + s0, ldc);
+        }
+        if (lk_blas_threads != NULL)
+            lk_blas_threads(old);
+    }
+}
+
 static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, real alpha,
                  const real *A, int64_t lda, const real *B, int64_t ldb, real beta, real *C,
                  int64_t ldc)
@@ -219,11 +269,7 @@ static inline void gemm(int trans_a, int trans_b, int64_t m, int64_t n, int64_t 
     if (m == 0 || n == 0)
         return;
     if (BLAS_GEMM != NULL && k > 0) {
-        /* Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T. */
-        const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-        const int mm = (int)n, nn = (int)m, kk = (int)k;
-        const int la = (int)ldb, lb = (int)lda, lc = (int)ldc;
-        BLAS_GEMM(&tb, &ta, &mm, &nn, &kk, &alpha, B, &la, A, &lb, &beta, C, &lc);
+        blas_gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
     if (k > 0 && own_gemm(trans_a, trans_b, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc) == 0)
