@@ -102,3 +102,24 @@ def test_inference_needs_no_graph(monkeypatch) -> None:
     with torch.no_grad():
         h, c = cell(torch.randn(2, 4))
     assert h.grad_fn is None and c.grad_fn is None and h.shape == (2, 8)
+
+
+@pytest.mark.parametrize("trainable", ["weight_hh", "bias_ih", "bias_hh"])
+def test_one_trainable_parameter_gets_its_gradient(monkeypatch, trainable: str) -> None:
+    """Only one parameter requires grad (the others frozen, the input too): the step is still
+    recorded, and that gradient is the reference's."""
+    monkeypatch.setenv(backends.BACKEND_ENV, "cpu")
+    torch.manual_seed(0)
+    cell = lstmkit.LSTMCell(5, 7)
+    for name, p in cell.named_parameters():
+        p.requires_grad_(name == trainable)
+    x, h, c = torch.randn(3, 5), torch.randn(3, 7), torch.randn(3, 7)
+    h1, c1 = cell(x, (h, c))
+    (h1.sum() + 2 * c1.sum()).backward()
+    got = getattr(cell, trainable).grad
+    assert got is not None
+    monkeypatch.setenv(backends.BACKEND_ENV, "reference")
+    getattr(cell, trainable).grad = None
+    h1, c1 = cell(x, (h, c))
+    (h1.sum() + 2 * c1.sum()).backward()
+    assert_close(got, getattr(cell, trainable).grad, trainable, "grad")

@@ -7,7 +7,9 @@ The modules own parameters (torch's names, shapes, order and init), validation a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types
 import warnings
 from operator import is_
 
@@ -378,6 +380,15 @@ class LSTM(nn.Module):
         return self.spec.extra_repr()
 
 
+@functools.cache
+def _cpu_cell() -> types.ModuleType:
+    """lstmkit.backends.cpu.cell, imported on first use (an import inside the step costs a
+    lookup per call)."""
+    from lstmkit.backends.cpu import cell
+
+    return cell
+
+
 class LSTMCell(nn.Module):
     r"""One LSTM step, a drop-in replacement for ``torch.nn.LSTMCell``.
 
@@ -448,16 +459,22 @@ class LSTMCell(nn.Module):
         """h', c' from x (N, H_in), h and c (N, H): fused by the cpu backend where it is
         chosen and the call is plain eager code (see lstmkit.backends.cpu.cell), else the
         reference's torch ops (CUDA, other dtypes, torch.compile, torch.func, tracing)."""
+        bias_ih, bias_hh = self.bias_ih, self.bias_hh
         requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad or h.requires_grad or c.requires_grad or self.weight_ih.requires_grad
+            x.requires_grad
+            or h.requires_grad
+            or c.requires_grad
+            or self.weight_ih.requires_grad
+            or self.weight_hh.requires_grad
+            or (bias_ih is not None and bias_ih.requires_grad)
+            or (bias_hh is not None and bias_hh.requires_grad)
         )
         request = backends.Request(x.device.type, x.dtype, requires_grad, False, False, False)
         if backends.choose(request).name == "cpu":
-            from lstmkit.backends.cpu import cell
-
+            cell = _cpu_cell()
             if cell.usable(x):
                 w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-                return cell.step(x, h, c, *w)
+                return cell.step(x, h, c, *w, grad=requires_grad)
         weights = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
         return reference.lstm_step(reference.project_input(x, weights), h, c, weights)
 

@@ -2,22 +2,46 @@
  * backward. Legend: N rows, H units, G = 4H gates in torch's order i, f, g, o, row-major.
  *
  * The products (x W_ih^T + h W_hh^T before the forward, dgates W and dgates^T x after the
- * backward) are torch.mm calls in lstmkit.backends.cpu.cell: one step has no recurrence to
- * keep in cache, and a call into the BLAS costs less there than packing for ours. What is
- * here is the gate math, with the kernels' own sigmoid and tanh (real.h), in one pass over
- * the gates. Each row is computed by one thread in a fixed order, and the bias gradient sums
+ * backward) are the kernels' gemm (the BLAS or lstmkit's own GEMM, as tuned), called from here
+ * so that a step is one call from Python: at small sizes a step's cost is its calls, and four
+ * or five torch.mm calls cost more than the whole step's arithmetic. The gate math uses the
+ * kernels' own sigmoid and tanh (real.h), in one pass over the gates. Each row is computed by one thread in a fixed order, and the bias gradient sums
  * the rows in order, so results do not depend on the thread count. Training keeps the gate
  * activations (N x G, written over the gates) for backward; tanh(c') is recomputed there.
  * Compiled once per element type. */
 #include "lstm.h"
 #include "real.h"
 
-/* gates (N x G): the products on entry; with `keep`, the activations sigmoid(i), sigmoid(f),
- * tanh(g), sigmoid(o) on return. b_ih, b_hh (G) may be NULL. c (N x H) -> h_out, c_out. */
-void SUF(lk_cell_forward)(int64_t N, int64_t H, real *gates, const real *b_ih,
+/* The GEMMs' threads for a step of `flops`: one below the plan's serial_flops, else the
+ * calling thread's OpenMP count (torch's); returns the count to restore. */
+static int cell_threads(double flops)
+{
+    int n = 1;
+#ifdef _OPENMP
+    n = omp_get_max_threads();
+#endif
+    n = flops < lk_planned.serial_flops ? 1 : n;
+    return lk_blas_threads != NULL ? lk_blas_threads(n) : 0;
+}
+
+static void cell_threads_restore(int old)
+{
+    if (lk_blas_threads != NULL)
+        lk_blas_threads(old);
+}
+
+/* x (N x I), h and c (N x H), w_ih (G x I), w_hh (G x H), b_ih, b_hh (G, may be NULL), all
+ * contiguous -> h_out, c_out (N x H). gates (N x G) is written: with `keep` the activations
+ * sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), for backward; else scratch. */
+void SUF(lk_cell_forward)(int64_t N, int64_t H, int64_t I, const real *x, const real *h,
+                          const real *w_ih, const real *w_hh, real *gates, const real *b_ih,
                           const real *b_hh, const real *c, real *h_out, real *c_out, int keep)
 {
     const int64_t G = 4 * H;
+    const int old = cell_threads(2.0 * (double)(N * G * (I + H)));
+    gemm(0, 1, N, G, I, 1, x, I, w_ih, I, 0, gates, G);
+    gemm(0, 1, N, G, H, 1, h, H, w_hh, H, 1, gates, G);
+    cell_threads_restore(old);
     for (int64_t n = 0; n < N; n++) {
         real *row = gates + n * G;
         for (int64_t k = 0; k < H; k += V) {
@@ -46,12 +70,15 @@ void SUF(lk_cell_forward)(int64_t N, int64_t H, real *gates, const real *b_ih,
 }
 
 /* From the kept activations (N x G), c and c' (N x H) and the incoming dh', dc' (N x H, either
- * NULL for zero): the gates' gradient d_gates (N x G, before the activations), dc (N x H, may
- * be NULL) and the bias gradient, the sum of d_gates' rows, into db_ih and db_hh (G each, may
- * be NULL). */
-void SUF(lk_cell_backward)(int64_t N, int64_t H, const real *acts, const real *c,
+ * NULL for zero): the gates' gradient d_gates (N x G, before the activations, scratch), dc
+ * (N x H), the bias gradient, the sum of d_gates' rows, into db_ih and db_hh (G each), then
+ * dx = d_gates W_ih (N x I), dh = d_gates W_hh (N x H), dW_ih = d_gates^T x (G x I) and
+ * dW_hh = d_gates^T h (G x H); each output NULL when not wanted. */
+void SUF(lk_cell_backward)(int64_t N, int64_t H, int64_t I, const real *x, const real *h,
+                           const real *w_ih, const real *w_hh, const real *acts, const real *c,
                            const real *c_out, const real *dh, const real *dc, real *d_gates,
-                           real *d_c, real *db_ih, real *db_hh)
+                           real *d_c, real *db_ih, real *db_hh, real *d_x, real *d_h,
+                           real *d_w_ih, real *d_w_hh)
 {
     const int64_t G = 4 * H;
     real *db = db_ih ? db_ih : db_hh;
@@ -84,4 +111,14 @@ void SUF(lk_cell_backward)(int64_t N, int64_t H, const real *acts, const real *c
     if (db_ih && db_hh)
         for (int64_t j = 0; j < G; j++)
             db_hh[j] = db_ih[j];
+    const int old = cell_threads(2.0 * (double)(N * G * (I + H)));
+    if (d_x)
+        gemm(0, 0, N, I, G, 1, d_gates, G, w_ih, I, 0, d_x, I);
+    if (d_h)
+        gemm(0, 0, N, H, G, 1, d_gates, G, w_hh, H, 0, d_h, H);
+    if (d_w_ih)
+        gemm(1, 0, G, I, N, 1, d_gates, G, x, I, 0, d_w_ih, I);
+    if (d_w_hh)
+        gemm(1, 0, G, H, N, 1, d_gates, G, h, H, 0, d_w_hh, H);
+    cell_threads_restore(old);
 }

@@ -1,12 +1,13 @@
-"""One :class:`lstmkit.LSTMCell` step through the cpu backend: the products by ``torch.mm``,
-the gate math by cell.c, forward and backward, under one hand-written autograd node.
+"""One :class:`lstmkit.LSTMCell` step through the cpu backend: one call of cell.c forward
+and one backward, under one hand-written autograd node.
 
-Forward: gates = x W_ih^T + h W_hh^T, then cell.c adds both biases and runs the cell, writing
-h' and c' and, for training, the gate activations over the gates. Backward: cell.c gives the
-gates' gradient dG, dc and the bias gradient (the same for both biases); then dx = dG W_ih,
+Forward: gates = x W_ih^T + h W_hh^T (the kernels' GEMM), plus both biases, then the cell,
+writing h' and c' and, for training, the gate activations over the gates. Backward: the gates'
+gradient dG, dc and the bias gradient (the same for both biases); then dx = dG W_ih,
 dh = dG W_hh, dW_ih = dG^T x, dW_hh = dG^T h. A step is a few small products and one pass of
 gate math, so what Python costs per call decides the speed at small sizes: this path skips the
-dispatcher, as :class:`.autograd.EagerStack` does, and is taken only where :func:`usable` says
+dispatcher, as :class:`.autograd.EagerStack` does (one C call, where torch.mm calls for the
+products cost more than the step's arithmetic), and is taken only where :func:`usable` says
 nothing would see the difference. A graph of the gradient (``create_graph=True``) is the
 reference's, recomputed, as for :class:`lstmkit.LSTM` (see :mod:`.autograd`).
 """
@@ -37,17 +38,15 @@ def step(
     w_hh: Tensor,
     b_ih: Tensor | None,
     b_hh: Tensor | None,
+    grad: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """h', c' of one step; differentiable. Shape: x (N, H_in), h and c (N, H)."""
-    if torch.is_grad_enabled() and (
-        x.requires_grad
-        or h.requires_grad
-        or c.requires_grad
-        or w_ih.requires_grad
-        or w_hh.requires_grad
-        or (b_ih is not None and b_ih.requires_grad)
-        or (b_hh is not None and b_hh.requires_grad)
-    ):
+    """h', c' of one step; differentiable. Shape: x (N, H_in), h and c (N, H). ``grad``:
+    whether autograd records the step, when the caller knows (else found here)."""
+    if grad is None:
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, h, c, w_ih, w_hh, b_ih, b_hh)
+        )
+    if grad:
         return CellFunction.apply(x, h, c, w_ih, w_hh, b_ih, b_hh)
     return _forward(x, h, c, w_ih, w_hh, b_ih, b_hh, False)[:2]
 
@@ -63,15 +62,17 @@ def _forward(
     keep: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """h', c' and the gates (with ``keep``, their activations, for :func:`_backward`)."""
-    gates = torch.mm(x, w_ih.t())  # (N, 4H)
-    gates.addmm_(h, w_hh.t())
-    c = c.contiguous()
-    h_next, c_next = torch.empty_like(c), torch.empty_like(c)
+    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+    w_ih, w_hh = w_ih.contiguous(), w_hh.contiguous()
     b_ih = None if b_ih is None else b_ih.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
+    rows, hidden = c.shape
+    gates = x.new_empty(rows, 4 * hidden)
+    h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     library.load().kernels[x.dtype].cell_forward(
-        c.shape[0], c.shape[1], gates.data_ptr(), _address(b_ih), _address(b_hh),
-        c.data_ptr(), h_next.data_ptr(), c_next.data_ptr(), keep,
+        rows, hidden, x.shape[1], x.data_ptr(), h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(),
+        gates.data_ptr(), _address(b_ih), _address(b_hh), c.data_ptr(), h_next.data_ptr(),
+        c_next.data_ptr(), keep,
     )  # fmt: skip
     return h_next, c_next, gates
 
@@ -125,22 +126,25 @@ def _backward(
     d_c: Tensor | None,
     needs: tuple[bool, ...],
 ) -> tuple[Tensor | None, ...]:
-    c = c.contiguous()
+    x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
+    w_ih, w_hh = w_ih.contiguous(), w_hh.contiguous()
     d_h = None if d_h is None else d_h.contiguous()
     d_c = None if d_c is None else d_c.contiguous()
     d_gates = torch.empty_like(acts)
+    d_x = torch.empty_like(x) if needs[0] else None
+    d_h_prev = torch.empty_like(h) if needs[1] else None
     d_c_prev = torch.empty_like(c) if needs[2] else None
+    d_w_ih = torch.empty_like(w_ih) if needs[3] else None
+    d_w_hh = torch.empty_like(w_hh) if needs[4] else None
     d_b_ih = torch.empty_like(b_ih) if b_ih is not None and needs[5] else None
     d_b_hh = torch.empty_like(b_hh) if b_hh is not None and needs[6] else None
     library.load().kernels[x.dtype].cell_backward(
-        c.shape[0], c.shape[1], acts.data_ptr(), c.data_ptr(), c_next.data_ptr(),
-        _address(d_h), _address(d_c), d_gates.data_ptr(), _address(d_c_prev),
-        _address(d_b_ih), _address(d_b_hh),
+        c.shape[0], c.shape[1], x.shape[1], x.data_ptr(), h.data_ptr(), w_ih.data_ptr(),
+        w_hh.data_ptr(), acts.data_ptr(), c.data_ptr(), c_next.data_ptr(), _address(d_h),
+        _address(d_c), d_gates.data_ptr(), _address(d_c_prev), _address(d_b_ih),
+        _address(d_b_hh), _address(d_x), _address(d_h_prev), _address(d_w_ih),
+        _address(d_w_hh),
     )  # fmt: skip
-    d_x = torch.mm(d_gates, w_ih) if needs[0] else None
-    d_h_prev = torch.mm(d_gates, w_hh) if needs[1] else None
-    d_w_ih = torch.mm(d_gates.t(), x) if needs[3] else None
-    d_w_hh = torch.mm(d_gates.t(), h) if needs[4] else None
     return d_x, d_h_prev, d_c_prev, d_w_ih, d_w_hh, d_b_ih, d_b_hh
 
 

@@ -345,10 +345,13 @@ def _kernels(cdll: ctypes.CDLL, width: str = "") -> dict[torch.dtype, Kernels]:
                 cdll, f"lk_variant_saved_elems_{suffix}", ctypes.c_int64, [layer, variant]
             ),
             cell_forward=_function(
-                cdll, f"lk_cell_forward_{suffix}", None, [_int, _int, *[_ptr] * 6, ctypes.c_int]
+                cdll,
+                f"lk_cell_forward_{suffix}",
+                None,
+                [_int, _int, _int, *[_ptr] * 10, ctypes.c_int],
             ),
             cell_backward=_function(
-                cdll, f"lk_cell_backward_{suffix}", None, [_int, _int, *[_ptr] * 9]
+                cdll, f"lk_cell_backward_{suffix}", None, [_int, _int, _int, *[_ptr] * 17]
             ),
         )
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))
