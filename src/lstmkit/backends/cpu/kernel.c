@@ -414,9 +414,10 @@ static void panel_rows_part(int64_t n, int64_t k0, int64_t k1, const rows_t *a, 
 
 /* Rows of the panel per pass: the plan's pass_bytes of it, which stay in L2 while every row
  * tile reads them, and at most SUM_ROWS. Each pass sums its rows from zero and adds that to C:
- * one running sum over all of K (4H terms for dh = dA W_hh) put H = 1024's values and
- * gradients two to three times as far from float64 as torch's; sums of at most SUM_ROWS terms,
- * within 1.2x (the bound is the numbers', not the machine's: 256 cost 4% at H = 1024). */
+ * one running sum over all of K (4H terms for dh = dA W_hh) loses about a rounding per term,
+ * and a sum per pass of a bounded length keeps wide layers as accurate as torch's
+ * (tests/test_accuracy.py; the bound is the numbers', not the machine's, and the
+ * measurements are in benchmarks/README.md). */
 #define SUM_ROWS 512
 static int64_t panel_rows_per_pass(void)
 {
@@ -831,7 +832,7 @@ static void packed_weights(dir_t *w, lk_arena *arena)
 
 /* ---- packed weights kept between calls ----
  * A short call spends much of its time packing its weights (transposes into panels, the summed
- * bias: for 5 steps of 3 sequences through two bidirectional layers of 20 units, 9 of 25 us).
+ * bias; benchmarks/README.md, "Measured behind the kernels' choices", has the numbers).
  * lk_layer.packed is a buffer the caller keeps between calls: a header (the layout), a copy of
  * every weight as it was when packed, then the packed arrays. A call whose layout matches and
  * whose weights equal the copy bit for bit (memcmp: exact, whatever changed them, be it an

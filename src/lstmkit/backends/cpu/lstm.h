@@ -200,8 +200,8 @@ static inline int lk_count_wait(lk_count *c, long long n, uint64_t ticks)
     return 0;
 }
 
-/* Big buffers are written page by page on first use, and each 4 KB page costs a fault (about
- * a microsecond here: 25 ms for the 100 MB of gates of a large layer). Where the kernel allows
+/* Big buffers are written page by page on first use, and each 4 KB page costs a fault (in a
+ * VM, more than its zeroing; benchmarks/README.md has the numbers). Where the kernel allows
  * it, 2 MB pages cost one fault each; this asks for them over the 2 MB-aligned part of a buffer
  * not yet touched. A hint only: nothing changes but the page size. */
 #define LK_HUGE_PAGE ((size_t)2 << 20)
