@@ -14,6 +14,13 @@ DTYPES = [torch.float32, torch.float64]
 SHAPES = [(1, 3, 5), (4, 7, 20), (9, 33, 17), (16, 64, 64)]  # N, H_in, H
 
 
+def test_shapes_take_both_product_paths() -> None:
+    """The first shapes make their products in cell.c, the last by torch.mm."""
+    from lstmkit.backends.cpu import cell
+
+    assert [cell.fused(*shape) for shape in SHAPES] == [True, True, True, False]
+
+
 def run(cell, backend: str, monkeypatch, x, hx):
     monkeypatch.setenv(backends.BACKEND_ENV, backend)
     inputs = [x] + ([] if hx is None else list(hx))

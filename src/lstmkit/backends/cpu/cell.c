@@ -2,9 +2,10 @@
  * backward. Legend: N rows, H units, G = 4H gates in torch's order i, f, g, o, row-major.
  *
  * The products (x W_ih^T + h W_hh^T before the forward, dgates W and dgates^T x after the
- * backward) are the kernels' gemm (the BLAS or lstmkit's own GEMM, as tuned), called from here
- * so that a step is one call from Python: at small sizes a step's cost is its calls, and four
- * or five torch.mm calls cost more than the whole step's arithmetic. The gate math uses the
+ * backward) of a small step are the kernels' gemm (the BLAS or lstmkit's own GEMM, as tuned),
+ * called from here so that the step is one call from Python: there a step's cost is its calls,
+ * and six torch.mm calls cost more than the whole step's arithmetic. Bigger steps pass x NULL
+ * and make the products by torch.mm, whose BLAS is threaded and tuned for those shapes. The gate math uses the
  * kernels' own sigmoid and tanh (real.h), in one pass over the gates. Each row is computed by one thread in a fixed order, and the bias gradient sums
  * the rows in order, so results do not depend on the thread count. Training keeps the gate
  * activations (N x G, written over the gates) for backward; tanh(c') is recomputed there.
@@ -32,16 +33,19 @@ static void cell_threads_restore(int old)
 
 /* x (N x I), h and c (N x H), w_ih (G x I), w_hh (G x H), b_ih, b_hh (G, may be NULL), all
  * contiguous -> h_out, c_out (N x H). gates (N x G) is written: with `keep` the activations
- * sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), for backward; else scratch. */
+ * sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), for backward; else scratch. x NULL: gates
+ * already holds the products (h and the weights are not read). */
 void SUF(lk_cell_forward)(int64_t N, int64_t H, int64_t I, const real *x, const real *h,
                           const real *w_ih, const real *w_hh, real *gates, const real *b_ih,
                           const real *b_hh, const real *c, real *h_out, real *c_out, int keep)
 {
     const int64_t G = 4 * H;
-    const int old = cell_threads(2.0 * (double)(N * G * (I + H)));
-    gemm(0, 1, N, G, I, 1, x, I, w_ih, I, 0, gates, G);
-    gemm(0, 1, N, G, H, 1, h, H, w_hh, H, 1, gates, G);
-    cell_threads_restore(old);
+    if (x != NULL) {
+        const int old = cell_threads(2.0 * (double)(N * G * (I + H)));
+        gemm(0, 1, N, G, I, 1, x, I, w_ih, I, 0, gates, G);
+        gemm(0, 1, N, G, H, 1, h, H, w_hh, H, 1, gates, G);
+        cell_threads_restore(old);
+    }
     for (int64_t n = 0; n < N; n++) {
         real *row = gates + n * G;
         for (int64_t k = 0; k < H; k += V) {
@@ -73,7 +77,8 @@ void SUF(lk_cell_forward)(int64_t N, int64_t H, int64_t I, const real *x, const 
  * NULL for zero): the gates' gradient d_gates (N x G, before the activations, scratch), dc
  * (N x H), the bias gradient, the sum of d_gates' rows, into db_ih and db_hh (G each), then
  * dx = d_gates W_ih (N x I), dh = d_gates W_hh (N x H), dW_ih = d_gates^T x (G x I) and
- * dW_hh = d_gates^T h (G x H); each output NULL when not wanted. */
+ * dW_hh = d_gates^T h (G x H); each output NULL when not wanted (all four NULL when the
+ * caller makes those products). */
 void SUF(lk_cell_backward)(int64_t N, int64_t H, int64_t I, const real *x, const real *h,
                            const real *w_ih, const real *w_hh, const real *acts, const real *c,
                            const real *c_out, const real *dh, const real *dc, real *d_gates,

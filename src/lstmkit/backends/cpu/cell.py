@@ -6,9 +6,11 @@ writing h' and c' and, for training, the gate activations over the gates. Backwa
 gradient dG, dc and the bias gradient (the same for both biases); then dx = dG W_ih,
 dh = dG W_hh, dW_ih = dG^T x, dW_hh = dG^T h. A step is a few small products and one pass of
 gate math, so what Python costs per call decides the speed at small sizes: this path skips the
-dispatcher, as :class:`.autograd.EagerStack` does (one C call, where torch.mm calls for the
-products cost more than the step's arithmetic), and is taken only where :func:`usable` says
-nothing would see the difference. A graph of the gradient (``create_graph=True``) is the
+dispatcher, as :class:`.autograd.EagerStack` does, and is taken only where :func:`usable` says
+nothing would see the difference. A small step (up to ``FUSED_FLOPS`` of products) is one C
+call each way, products included: six ``torch.mm`` calls would cost more than its arithmetic.
+A bigger one makes its products by ``torch.mm`` (its BLAS threaded and at its best on those
+shapes), and cell.c the rest. A graph of the gradient (``create_graph=True``) is the
 reference's, recomputed, as for :class:`lstmkit.LSTM` (see :mod:`.autograd`).
 """
 
@@ -21,6 +23,11 @@ from lstmkit import reference
 from lstmkit.backends.cpu import autograd, library, route
 from lstmkit.backends.cpu.library import DTYPES
 from lstmkit.reference import LayerWeights
+
+# Up to this many flops of forward products (2 N 4H (H_in + H)) a step makes them in cell.c.
+# Measured (benchmarks/README.md, 2026-12-07): at N = 1, H = 16 (4 kflop) the fused call won
+# 2-3 us of 21; at N = 8, H = 64 (0.5 Mflop) torch.mm's products were 5-25% faster.
+FUSED_FLOPS = 1 << 17
 
 
 def usable(x: Tensor) -> bool:
@@ -67,12 +74,17 @@ def _forward(
     b_ih = None if b_ih is None else b_ih.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
     rows, hidden = c.shape
-    gates = x.new_empty(rows, 4 * hidden)
+    if fused(rows, x.shape[1], hidden):
+        gates = x.new_empty(rows, 4 * hidden)
+        inputs = (x.data_ptr(), h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr())
+    else:
+        gates = torch.mm(x, w_ih.t())  # (N, 4H)
+        gates.addmm_(h, w_hh.t())
+        inputs = (0, 0, 0, 0)
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
     library.load().kernels[x.dtype].cell_forward(
-        rows, hidden, x.shape[1], x.data_ptr(), h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(),
-        gates.data_ptr(), _address(b_ih), _address(b_hh), c.data_ptr(), h_next.data_ptr(),
-        c_next.data_ptr(), keep,
+        rows, hidden, x.shape[1], *inputs, gates.data_ptr(), _address(b_ih), _address(b_hh),
+        c.data_ptr(), h_next.data_ptr(), c_next.data_ptr(), keep,
     )  # fmt: skip
     return h_next, c_next, gates
 
@@ -131,11 +143,12 @@ def _backward(
     d_h = None if d_h is None else d_h.contiguous()
     d_c = None if d_c is None else d_c.contiguous()
     d_gates = torch.empty_like(acts)
-    d_x = torch.empty_like(x) if needs[0] else None
-    d_h_prev = torch.empty_like(h) if needs[1] else None
+    here = fused(c.shape[0], x.shape[1], c.shape[1])
+    d_x = torch.empty_like(x) if needs[0] and here else None
+    d_h_prev = torch.empty_like(h) if needs[1] and here else None
     d_c_prev = torch.empty_like(c) if needs[2] else None
-    d_w_ih = torch.empty_like(w_ih) if needs[3] else None
-    d_w_hh = torch.empty_like(w_hh) if needs[4] else None
+    d_w_ih = torch.empty_like(w_ih) if needs[3] and here else None
+    d_w_hh = torch.empty_like(w_hh) if needs[4] and here else None
     d_b_ih = torch.empty_like(b_ih) if b_ih is not None and needs[5] else None
     d_b_hh = torch.empty_like(b_hh) if b_hh is not None and needs[6] else None
     library.load().kernels[x.dtype].cell_backward(
@@ -145,7 +158,17 @@ def _backward(
         _address(d_b_hh), _address(d_x), _address(d_h_prev), _address(d_w_ih),
         _address(d_w_hh),
     )  # fmt: skip
+    if not here:
+        d_x = torch.mm(d_gates, w_ih) if needs[0] else None
+        d_h_prev = torch.mm(d_gates, w_hh) if needs[1] else None
+        d_w_ih = torch.mm(d_gates.t(), x) if needs[3] else None
+        d_w_hh = torch.mm(d_gates.t(), h) if needs[4] else None
     return d_x, d_h_prev, d_c_prev, d_w_ih, d_w_hh, d_b_ih, d_b_hh
+
+
+def fused(rows: int, inputs: int, hidden: int) -> bool:
+    """Whether a step of this shape makes its products in cell.c (see ``FUSED_FLOPS``)."""
+    return 8 * rows * hidden * (inputs + hidden) <= FUSED_FLOPS
 
 
 def _address(tensor: Tensor | None) -> int:
