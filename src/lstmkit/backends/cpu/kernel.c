@@ -1235,16 +1235,17 @@ static int thin(const dir_t *w, int64_t columns)
  * that the pushes cost little next to the block's FMAs. */
 #define TN_BLOCK_ROWS 32
 
-/* C (K, ·) = Z^T D for rows kr of C (ldc apart) and 2 vectors of its columns, over all R rows
- * of Z (rows ldz apart) and D (rows Gp apart): by blocks of rows in registers, summed pairwise
- * over the blocks. */
+/* C (K, ·) = Z^T D for rows kr (up to the tier's TILE_ROWS) of C (ldc apart) and 2 vectors of
+ * its columns, over all R rows of Z (rows ldz apart) and D (rows Gp apart): by blocks of rows
+ * in registers, summed pairwise over the blocks. Two vectors wide, so that the accumulators
+ * and the two loads fit the registers of every tier (16 for avx2). */
 LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, const real *D,
                        int64_t Gp, real *C, int64_t ldc)
 {
-    real levels[SUM_LEVELS * 12 * V]; /* level k of vector j at (k 12 + j) V */
+    real levels[SUM_LEVELS * 2 * TILE_ROWS * V]; /* level k of vector j at (k 2 TILE_ROWS + j) V */
     int64_t count = 0;
     for (int64_t t0 = 0; t0 < R; t0 += TN_BLOCK_ROWS, count++) {
-        vec acc[6][2];
+        vec acc[TILE_ROWS][2];
         for (int r = 0; r < kr; r++)
             acc[r][0] = acc[r][1] = splat(0);
         const int64_t t1 = min64(R, t0 + TN_BLOCK_ROWS);
@@ -1258,11 +1259,12 @@ LK_INLINE void tn_tile(const int kr, int64_t R, const real *z, int64_t ldz, cons
         }
         for (int r = 0; r < kr; r++)
             for (int j = 0; j < 2; j++)
-                sum_push(levels + (2 * r + j) * V, 12 * V, count, acc[r][j], V);
+                sum_push(levels + (2 * r + j) * V, 2 * TILE_ROWS * V, count, acc[r][j], V);
     }
     for (int r = 0; r < kr; r++)
         for (int j = 0; j < 2; j++)
-            vstore(C + r * ldc + j * V, sum_total(levels + (2 * r + j) * V, 12 * V, count, V));
+            vstore(C + r * ldc + j * V,
+                   sum_total(levels + (2 * r + j) * V, 2 * TILE_ROWS * V, count, V));
 }
 
 #define TN_TILE(kr)                                                                               \
@@ -1280,8 +1282,8 @@ TN_TILE(6)
 #undef TN_TILE
 typedef void (*tn_fn)(int64_t R, const real *z, int64_t ldz, const real *D, int64_t Gp, real *C,
                       int64_t ldc);
-static const tn_fn tn_tiles[7] = {NULL, tn_tile_1, tn_tile_2, tn_tile_3,
-                                  tn_tile_4, tn_tile_5, tn_tile_6};
+static const tn_fn tn_tiles[TILE_ROWS + 1] = {NULL,      tn_tile_1, tn_tile_2, tn_tile_3,
+                                             tn_tile_4, tn_tile_5, tn_tile_6};
 
 /* The rows of dst (4H, K) in torch's layout = (Z^T D)^T for gate columns [c0, c1) (whole unit
  * blocks): Z (R, K), D (R, Gp) the gate gradients; tmp holds K x (c1 - c0), then the GEMM's
@@ -1301,8 +1303,8 @@ static void row_weight_grad(const dir_t *w, int64_t R, const real *z, int64_t K,
         return;
     }
     for (int64_t c = c0; c < c1; c += 2 * V)
-        for (int64_t k = 0; k < K; k += 6)
-            tn_tiles[min64(6, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * n + c - c0, n);
+        for (int64_t k = 0; k < K; k += TILE_ROWS)
+            tn_tiles[min64(TILE_ROWS, K - k)](R, z + k, K, D + c, w->Gp, tmp + k * n + c - c0, n);
     for (int64_t col = c0; col < c1; col++) {
         const int64_t r = torch_row(w, col);
         for (int64_t k = 0; k < K && r >= 0; k++)
