@@ -473,9 +473,9 @@ class LSTMCell(nn.Module):
         if backends.choose(request).name == "cpu":
             cell = _cpu_cell()
             if cell.usable(x):
-                w = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+                w = (self.weight_ih, self.weight_hh, bias_ih, bias_hh)
                 return cell.step(x, h, c, *w, grad=requires_grad)
-        weights = LayerWeights(self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, None)
+        weights = LayerWeights(self.weight_ih, self.weight_hh, bias_ih, bias_hh, None)
         return reference.lstm_step(reference.project_input(x, weights), h, c, weights)
 
     def _where(self) -> str:

@@ -1,27 +1,24 @@
-/* lstmkit CPU kernels: the pointwise part of one LSTMCell step (lstmkit.LSTMCell), forward and
- * backward. Legend: N rows, H units, G = 4H gates in torch's order i, f, g, o, row-major.
+/* lstmkit CPU kernels: one LSTMCell step (lstmkit.LSTMCell), forward and backward. Legend:
+ * N rows, H units, G = 4H gates in torch's order i, f, g, o, row-major.
  *
  * The products (x W_ih^T + h W_hh^T before the forward, dgates W and dgates^T x after the
  * backward) of a small step are the kernels' gemm (the BLAS or lstmkit's own GEMM, as tuned),
  * called from here so that the step is one call from Python: there a step's cost is its calls,
  * and six torch.mm calls cost more than the whole step's arithmetic. Bigger steps pass x NULL
- * and make the products by torch.mm, whose BLAS is threaded and tuned for those shapes. The gate math uses the
- * kernels' own sigmoid and tanh (real.h), in one pass over the gates. Each row is computed by one thread in a fixed order, and the bias gradient sums
- * the rows in order, so results do not depend on the thread count. Training keeps the gate
+ * and make the products by torch.mm, whose BLAS is threaded and tuned for those shapes. The
+ * gate math uses the kernels' own sigmoid and tanh (real.h), in one pass over the gates. Each
+ * row is computed by one thread in a fixed order, and the bias gradient sums the rows in
+ * order, so results do not depend on the thread count. Training keeps the gate
  * activations (N x G, written over the gates) for backward; tanh(c') is recomputed there.
  * Compiled once per element type. */
 #include "lstm.h"
 #include "real.h"
 
-/* The GEMMs' threads for a step of `flops`: one below the plan's serial_flops, else the
- * calling thread's OpenMP count (torch's); returns the count to restore. */
+/* Sets the GEMMs' threads for a step of `flops` (lk_threads_for) and returns the count to
+ * restore. */
 static int cell_threads(double flops)
 {
-    int n = 1;
-#ifdef _OPENMP
-    n = omp_get_max_threads();
-#endif
-    n = flops < lk_planned.serial_flops ? 1 : n;
+    const int n = lk_threads_for(0, flops);
     return lk_blas_threads != NULL ? lk_blas_threads(n) : 0;
 }
 
@@ -116,6 +113,8 @@ void SUF(lk_cell_backward)(int64_t N, int64_t H, int64_t I, const real *x, const
     if (db_ih && db_hh)
         for (int64_t j = 0; j < G; j++)
             db_hh[j] = db_ih[j];
+    if (!d_x && !d_h && !d_w_ih && !d_w_hh)
+        return;
     const int old = cell_threads(2.0 * (double)(N * G * (I + H)));
     if (d_x)
         gemm(0, 0, N, I, G, 1, d_gates, G, w_ih, I, 0, d_x, I);

@@ -601,13 +601,16 @@ static void forward_direction(const dir_t *w, const team_t *tm)
         /* x_t: the packed input's rows of step t */
         const rows_t x = rows((real *)w->xp + w->off[st.t] * w->I, w->I);
         for (int64_t blk = b0; blk < b1 && !w->row; blk++) {
-            const panel_t pi = packed_panel(w->wi, blk, w->I, W);
             const panel_t p = packed_panel(w->wr, blk, w->P, W);
             const rows_t g = rows(gates.base + blk * W, w->Gp);
-            const rows_t xw = rows(w->hoist ? w->xw + w->off[st.t] * w->Gp + blk * W : NULL, w->Gp);
-            if (!w->hoist)
+            if (w->hoist) { /* b + x_t W_ih^T from before the loop */
+                const rows_t xw = rows(w->xw + w->off[st.t] * w->Gp + blk * W, w->Gp);
+                panel_rows(st.n, w->P, &h, &p, &xw, NULL, &g);
+            } else {
+                const panel_t pi = packed_panel(w->wi, blk, w->I, W);
                 panel_rows(st.n, w->I, &x, &pi, &none, w->bias + blk * W, &g);
-            panel_rows(st.n, w->P, &h, &p, w->hoist ? &xw : &g, NULL, &g);
+                panel_rows(st.n, w->P, &h, &p, &g, NULL, &g);
+            }
             gate_update(w, &st, blk);
         }
         for (int64_t b = st.n; b < w->B; b++) { /* padded steps: zero output and cells */

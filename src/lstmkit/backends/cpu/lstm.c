@@ -45,21 +45,14 @@ lk_plan lk_planned = {524288.0, 32768.0, 32768.0, 65536.0, 4.0e7,    0.0,
                       20000.0,  50000.0, 1000.0,  50000.0, 5000.0, 67108864.0};
 lk_wait_ticks lk_waits = {20000, 50000, 1000, 50000, 5000, 1.0};
 
-static uint64_t now_ns(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
-}
-
 /* lk_ticks per nanosecond: counted over a millisecond of the monotonic clock (the time-stamp
  * counter's rate is the CPU's, not a constant); 1 where lk_ticks is that clock. */
 static double measure_ticks_per_ns(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
-    const uint64_t t0 = now_ns(), k0 = lk_ticks();
+    const uint64_t t0 = lk_now_ns(), k0 = lk_ticks();
     uint64_t t1;
-    while ((t1 = now_ns()) - t0 < 1000000)
+    while ((t1 = lk_now_ns()) - t0 < 1000000)
         ;
     return (double)(lk_ticks() - k0) / (double)(t1 - t0);
 #else
@@ -276,14 +269,15 @@ void lk_pair_run(lk_pair_fn fn, void *arg)
     if (atomic_compare_exchange_strong(&pair.state, &posted, PAIR_IDLE)) {
         late = 1;
     } else {
-        const uint64_t finished = now_ns(), spin_since = lk_ticks();
-        while (atomic_load(&pair.state) == PAIR_TAKEN && lk_ticks() - spin_since < lk_waits.join_spin)
+        const uint64_t finished = lk_now_ns(), spin_since = lk_ticks();
+        while (atomic_load(&pair.state) == PAIR_TAKEN &&
+               lk_ticks() - spin_since < lk_waits.join_spin)
             lk_pause();
         atomic_store(&pair.waiting, 1);
         while (atomic_load(&pair.state) == PAIR_TAKEN)
             pair_sleep(&pair.state, PAIR_TAKEN);
         atomic_store(&pair.waiting, 0);
-        late |= now_ns() - finished > PAIR_JOIN_NS;
+        late |= lk_now_ns() - finished > PAIR_JOIN_NS;
     }
     if (late) {
         pair.skip = pair.backoff;

@@ -53,15 +53,21 @@ typedef struct {
 } lk_wait_ticks;
 extern lk_wait_ticks lk_waits;
 
+/* Nanoseconds of the monotonic clock. */
+static inline uint64_t lk_now_ns(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+}
+
 /* A clock for short waits: the time-stamp counter where there is one, else nanoseconds. */
 static inline uint64_t lk_ticks(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
     return __builtin_ia32_rdtsc();
 #else
-    struct timespec now;
-    clock_gettime(CLOCK_MONOTONIC, &now);
-    return (uint64_t)now.tv_sec * 1000000000u + (uint64_t)now.tv_nsec;
+    return lk_now_ns();
 #endif
 }
 
@@ -255,10 +261,11 @@ static inline int64_t lk_active(const lk_layer *a, int64_t t)
     return lo;
 }
 
-/* Threads for this call: one below the plan's serial_flops, else up to a->threads. */
-static inline int lk_threads(const lk_layer *a, double flops)
+/* Threads for `flops` of work: one below the plan's serial_flops, else `requested` (below 1:
+ * the calling thread's OpenMP count). */
+static inline int lk_threads_for(int64_t requested, double flops)
 {
-    int n = (int)a->threads;
+    int n = (int)requested;
 #ifdef _OPENMP
     if (n < 1)
         n = omp_get_max_threads();
@@ -266,6 +273,12 @@ static inline int lk_threads(const lk_layer *a, double flops)
     n = 1;
 #endif
     return flops < lk_planned.serial_flops ? 1 : n;
+}
+
+/* Threads for this call: one below the plan's serial_flops, else up to a->threads. */
+static inline int lk_threads(const lk_layer *a, double flops)
+{
+    return lk_threads_for(a->threads, flops);
 }
 
 /* Teams: two directions on two or more threads run side by side, each with half the threads
