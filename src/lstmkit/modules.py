@@ -442,7 +442,8 @@ class LSTMCell(nn.Module):
     def forward(
         self, input: Tensor, hx: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, Tensor]:
-        x = self._check_input(input)
+        w = self._weights()
+        x = self._check_input(input, w[0])
         batched = x.dim() == 2
         if not batched:
             x = x.unsqueeze(0)
@@ -450,43 +451,56 @@ class LSTMCell(nn.Module):
             h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
             h, c = self._check_states(hx, batched, x)
-        h, c = self._step(x, h, c)
+        h, c = self._step(x, h, c, w)
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
-    def _step(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        """h', c' from x (N, H_in), h and c (N, H): fused by the cpu backend where it is
-        chosen and the call is plain eager code (see lstmkit.backends.cpu.cell), else the
-        reference's torch ops (CUDA, other dtypes, torch.compile, torch.func, tracing)."""
-        bias_ih, bias_hh = self.bias_ih, self.bias_hh
+    def _weights(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """weight_ih, weight_hh, bias_ih, bias_hh, read from ``_parameters`` where they are
+        (an attribute read through nn.Module costs about a microsecond, a step at small sizes
+        some twenty), else as attributes (a parametrization moves them out)."""
+        p = self._parameters
+        try:
+            return p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"]
+        except KeyError:
+            return self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh
+
+    def _step(
+        self,
+        x: Tensor,
+        h: Tensor,
+        c: Tensor,
+        w: tuple[Tensor, Tensor, Tensor | None, Tensor | None],
+    ) -> tuple[Tensor, Tensor]:
+        """h', c' from x (N, H_in), h and c (N, H) and the weights ``w`` (see _weights): fused
+        by the cpu backend where it is chosen and the call is plain eager code (see
+        lstmkit.backends.cpu.cell), else the reference's torch ops (CUDA, other dtypes,
+        torch.compile, torch.func, tracing)."""
         requires_grad = torch.is_grad_enabled() and (
             x.requires_grad
             or h.requires_grad
             or c.requires_grad
-            or self.weight_ih.requires_grad
-            or self.weight_hh.requires_grad
-            or (bias_ih is not None and bias_ih.requires_grad)
-            or (bias_hh is not None and bias_hh.requires_grad)
+            or any(t is not None and t.requires_grad for t in w)
         )
         request = backends.Request(x.device.type, x.dtype, requires_grad, False, False, False)
         if backends.choose(request).name == "cpu":
             cell = _cpu_cell()
             if cell.usable(x):
-                w = (self.weight_ih, self.weight_hh, bias_ih, bias_hh)
                 return cell.step(x, h, c, *w, grad=requires_grad)
-        weights = LayerWeights(self.weight_ih, self.weight_hh, bias_ih, bias_hh, None)
+        weights = LayerWeights(*w, None)
         return reference.lstm_step(reference.project_input(x, weights), h, c, weights)
 
     def _where(self) -> str:
         return f" [{self}]"
 
-    def _check_input(self, input: object) -> Tensor:
+    def _check_input(self, input: object, weight_ih: Tensor) -> Tensor:
         if not isinstance(input, Tensor):
             raise TypeError(
                 f"LSTMCell input must be a torch.Tensor, got {type(input).__name__}" + self._where()
             )
-        if input.dim() not in (1, 2):
+        dim = input.dim()
+        if dim != 2 and dim != 1:
             raise ValueError(
                 f"LSTMCell input must be 2-D (N, H_in) or 1-D (H_in), got a {input.dim()}-D "
                 f"tensor of shape {tuple(input.shape)}; for a whole sequence use lstmkit.LSTM"
@@ -497,10 +511,10 @@ class LSTMCell(nn.Module):
                 f"LSTMCell input's last dimension must be input_size={self.input_size}, got "
                 f"{input.shape[-1]} (shape {tuple(input.shape)})" + self._where()
             )
-        if input.dtype != self.weight_ih.dtype:
+        if input.dtype != weight_ih.dtype:
             raise RuntimeError(
                 f"LSTMCell input dtype {input.dtype} does not match the weights' dtype "
-                f"{self.weight_ih.dtype}" + self._where()
+                f"{weight_ih.dtype}" + self._where()
             )
         return input
 
@@ -523,12 +537,13 @@ class LSTMCell(nn.Module):
                     f"LSTMCell state {name} must be a torch.Tensor, got {type(state).__name__}"
                     + self._where()
                 )
-            if state.dim() not in (1, 2):
+            dim = state.dim()
+            if dim != 2 and dim != 1:
                 raise ValueError(
                     f"LSTMCell state {name} must be 2-D (N, H) or 1-D (H), got shape "
                     f"{tuple(state.shape)}" + self._where()
                 )
-            if tuple(state.shape) != expected:
+            if state.shape != expected:
                 raise RuntimeError(
                     f"LSTMCell state {name} has shape {tuple(state.shape)}, expected {expected}"
                     f": one state of hidden_size={self.hidden_size} per sequence, matching the "

@@ -194,22 +194,37 @@ def _choose(request: Request) -> Backend:
                 f"{BACKEND_ENV}={forced} asks for the {forced!r} backend, which cannot run "
                 f"this call: {reason}. Unset {BACKEND_ENV} to let lstmkit choose."
             )
-        _last.choice = Choice(forced, True, ())
+        _last.choice = _plain_choice(forced, True)
         return backend
     passed_over: list[tuple[str, str]] = []
     for name in PREFERENCE:
         backend = get(name)
         reason = _reason(backend, request)
         if reason is None:
-            _last.choice = Choice(name, False, tuple(passed_over))
+            _last.choice = (
+                Choice(name, False, tuple(passed_over)) if passed_over else _plain_choice(name)
+            )
             return backend
         passed_over.append((name, reason))
     reasons = "; ".join(f"{n}: {r}" for n, r in passed_over)
     raise RuntimeError(f"no lstmkit backend can run this call ({reasons})")
 
 
-def note_choice(choice: Choice) -> None:
-    """Record a choice made after the forward call (a backward that ran another backend)."""
+_plain_choices: dict[tuple[str, bool], Choice] = {}
+
+
+def _plain_choice(name: str, forced: bool = False) -> Choice:
+    """The choice of ``name`` with nothing passed over, made once (it is frozen, and making
+    one costs about half a microsecond on every call)."""
+    choice = _plain_choices.get((name, forced))
+    if choice is None:
+        choice = _plain_choices[name, forced] = Choice(name, forced, ())
+    return choice
+
+
+def note_choice(choice: Choice | None) -> None:
+    """Record a choice made after the forward call (a backward that ran another backend);
+    ``None`` forgets the last one."""
     _last.choice = choice
 
 

@@ -28,15 +28,20 @@ static void cell_threads_restore(int old)
         lk_blas_threads(old);
 }
 
-/* x (N x I), h and c (N x H), w_ih (G x I), w_hh (G x H), b_ih, b_hh (G, may be NULL), all
- * contiguous -> h_out, c_out (N x H). gates (N x G) is written: with `keep` the activations
- * sigmoid(i), sigmoid(f), tanh(g), sigmoid(o), for backward; else scratch. x NULL: gates
- * already holds the products (h and the weights are not read). */
-void SUF(lk_cell_forward)(int64_t N, int64_t H, int64_t I, const real *x, const real *h,
-                          const real *w_ih, const real *w_hh, real *gates, const real *b_ih,
-                          const real *b_hh, const real *c, real *h_out, real *c_out, int keep)
+/* One step (lk_cell in lstm.h): h_out, c_out from x, h, c and the weights. `gates` is written
+ * with the activations sigmoid(i), sigmoid(f), tanh(g), sigmoid(o) for backward; NULL in
+ * inference, where the step takes its own scratch. x NULL: gates already holds the products
+ * (h and the weights are not read). */
+void SUF(lk_cell_forward)(const lk_cell *a)
 {
-    const int64_t G = 4 * H;
+    const int64_t N = a->N, H = a->H, I = a->I, G = 4 * H;
+    const real *x = a->x, *h = a->h, *w_ih = a->w_ih, *w_hh = a->w_hh;
+    const real *b_ih = a->b_ih, *b_hh = a->b_hh, *c = a->c;
+    real *h_out = a->h_out, *c_out = a->c_out;
+    const int keep = a->gates != NULL;
+    real *gates = keep ? a->gates : malloc((size_t)(N * G) * sizeof(real));
+    if (gates == NULL)
+        abort();
     if (x != NULL) {
         const int old = cell_threads(2.0 * (double)(N * G * (I + H)));
         gemm(0, 1, N, G, I, 1, x, I, w_ih, I, 0, gates, G);
@@ -68,20 +73,23 @@ void SUF(lk_cell_forward)(int64_t N, int64_t H, int64_t I, const real *x, const 
             }
         }
     }
+    if (!keep)
+        free(gates);
 }
 
-/* From the kept activations (N x G), c and c' (N x H) and the incoming dh', dc' (N x H, either
- * NULL for zero): the gates' gradient d_gates (N x G, before the activations, scratch), dc
- * (N x H), the bias gradient, the sum of d_gates' rows, into db_ih and db_hh (G each), then
- * dx = d_gates W_ih (N x I), dh = d_gates W_hh (N x H), dW_ih = d_gates^T x (G x I) and
- * dW_hh = d_gates^T h (G x H); each output NULL when not wanted (all four NULL when the
- * caller makes those products). */
-void SUF(lk_cell_backward)(int64_t N, int64_t H, int64_t I, const real *x, const real *h,
-                           const real *w_ih, const real *w_hh, const real *acts, const real *c,
-                           const real *c_out, const real *dh, const real *dc, real *d_gates,
-                           real *d_c, real *db_ih, real *db_hh, real *d_x, real *d_h,
-                           real *d_w_ih, real *d_w_hh)
+/* From the step `a` (its x, h, c and weights) and what its forward kept (g->acts, g->c_out) and
+ * the incoming dh', dc' (each NULL for zero): the gates' gradient d_gates (N x G, before the
+ * activations, scratch), dc (N x H), the bias gradient, the sum of d_gates' rows, into db_ih
+ * and db_hh (G each), then dx = d_gates W_ih (N x I), dh = d_gates W_hh (N x H),
+ * dW_ih = d_gates^T x (G x I) and dW_hh = d_gates^T h (G x H); each output NULL when not
+ * wanted (all four NULL when the caller makes those products). */
+void SUF(lk_cell_backward)(const lk_cell *a, const lk_cell_grads *g)
 {
+    const int64_t N = a->N, H = a->H, I = a->I;
+    const real *x = a->x, *h = a->h, *w_ih = a->w_ih, *w_hh = a->w_hh, *c = a->c;
+    const real *acts = g->acts, *c_out = g->c_out, *dh = g->d_h, *dc = g->d_c;
+    real *d_gates = g->d_gates, *d_c = g->d_c_prev, *db_ih = g->db_ih, *db_hh = g->db_hh;
+    real *d_x = g->d_x, *d_h = g->d_h_prev, *d_w_ih = g->d_w_ih, *d_w_hh = g->d_w_hh;
     const int64_t G = 4 * H;
     real *db = db_ih ? db_ih : db_hh;
     if (db)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from lstmkit import reference
 from lstmkit.backends.cpu import autograd, library, route
-from lstmkit.backends.cpu.library import DTYPES
+from lstmkit.backends.cpu.library import CELL, CELL_GRADS, DTYPES
 from lstmkit.reference import LayerWeights
 
 # Up to this many flops of forward products (2 N 4H (H_in + H)) a step makes them in cell.c.
@@ -67,25 +67,28 @@ def _forward(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     keep: bool,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """h', c' and the gates (with ``keep``, their activations, for :func:`_backward`)."""
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """h', c' and, with ``keep``, the gate activations (for :func:`_backward`)."""
     x, h, c = x.contiguous(), h.contiguous(), c.contiguous()
     w_ih, w_hh = w_ih.contiguous(), w_hh.contiguous()
     b_ih = None if b_ih is None else b_ih.contiguous()
     b_hh = None if b_hh is None else b_hh.contiguous()
     rows, hidden = c.shape
-    if fused(rows, x.shape[1], hidden):
-        gates = x.new_empty(rows, 4 * hidden)
-        inputs = (x.data_ptr(), h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr())
+    inputs = x.shape[1]
+    if fused(rows, inputs, hidden):
+        gates = x.new_empty(rows, 4 * hidden) if keep else None
+        x_address = x.data_ptr()
     else:
         gates = torch.mm(x, w_ih.t())  # (N, 4H)
         gates.addmm_(h, w_hh.t())
-        inputs = (0, 0, 0, 0)
+        x_address = 0  # the products are made
     h_next, c_next = torch.empty_like(c), torch.empty_like(c)
-    library.load().kernels[x.dtype].cell_forward(
-        rows, hidden, x.shape[1], *inputs, gates.data_ptr(), _address(b_ih), _address(b_hh),
-        c.data_ptr(), h_next.data_ptr(), c_next.data_ptr(), keep,
+    step = CELL.pack(
+        rows, hidden, inputs, x_address, h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(),
+        _address(b_ih), _address(b_hh), c.data_ptr(), _address(gates), h_next.data_ptr(),
+        c_next.data_ptr(),
     )  # fmt: skip
+    library.load().kernels[x.dtype].cell_forward(step)
     return h_next, c_next, gates
 
 
@@ -143,7 +146,9 @@ def _backward(
     d_h = None if d_h is None else d_h.contiguous()
     d_c = None if d_c is None else d_c.contiguous()
     d_gates = torch.empty_like(acts)
-    here = fused(c.shape[0], x.shape[1], c.shape[1])
+    rows, hidden = c.shape
+    inputs = x.shape[1]
+    here = fused(rows, inputs, hidden)
     d_x = torch.empty_like(x) if needs[0] and here else None
     d_h_prev = torch.empty_like(h) if needs[1] and here else None
     d_c_prev = torch.empty_like(c) if needs[2] else None
@@ -151,13 +156,16 @@ def _backward(
     d_w_hh = torch.empty_like(w_hh) if needs[4] and here else None
     d_b_ih = torch.empty_like(b_ih) if b_ih is not None and needs[5] else None
     d_b_hh = torch.empty_like(b_hh) if b_hh is not None and needs[6] else None
-    library.load().kernels[x.dtype].cell_backward(
-        c.shape[0], c.shape[1], x.shape[1], x.data_ptr(), h.data_ptr(), w_ih.data_ptr(),
-        w_hh.data_ptr(), acts.data_ptr(), c.data_ptr(), c_next.data_ptr(), _address(d_h),
-        _address(d_c), d_gates.data_ptr(), _address(d_c_prev), _address(d_b_ih),
-        _address(d_b_hh), _address(d_x), _address(d_h_prev), _address(d_w_ih),
-        _address(d_w_hh),
+    step = CELL.pack(
+        rows, hidden, inputs, x.data_ptr(), h.data_ptr(), w_ih.data_ptr(), w_hh.data_ptr(), 0,
+        0, c.data_ptr(), 0, 0, 0,
     )  # fmt: skip
+    grads = CELL_GRADS.pack(
+        acts.data_ptr(), c_next.data_ptr(), _address(d_h), _address(d_c), d_gates.data_ptr(),
+        _address(d_c_prev), _address(d_b_ih), _address(d_b_hh), _address(d_x),
+        _address(d_h_prev), _address(d_w_ih), _address(d_w_hh),
+    )  # fmt: skip
+    library.load().kernels[x.dtype].cell_backward(step, grads)
     if not here:
         d_x = torch.mm(d_gates, w_ih) if needs[0] else None
         d_h_prev = torch.mm(d_gates, w_hh) if needs[1] else None

@@ -50,6 +50,10 @@ LAYER = struct.Struct("=7q20Q")
 GRADS = struct.Struct("=17Q")
 VARIANT = struct.Struct("=10Q2d10Q2d")
 VARIANT_GRADS = struct.Struct("=14Q")
+# lk_cell: N H I, then the addresses of x h w_ih w_hh b_ih b_hh c gates h_out c_out.
+# lk_cell_grads: acts c_out d_h d_c d_gates d_c_prev db_ih db_hh d_x d_h_prev d_w_ih d_w_hh.
+CELL = struct.Struct("=3q10Q")
+CELL_GRADS = struct.Struct("=12Q")
 # lk_plan: machine.Plan's fields as doubles, in its order.
 PLAN = struct.Struct(f"={len(dataclasses.fields(machine.Plan))}d")
 GEMM_ENV = "LSTMKIT_GEMM"  # "own" or "blas": the GEMM for every dtype, whatever was tuned
@@ -70,7 +74,7 @@ class Kernels:
     variant_forward: ctypes._CFuncPtr
     variant_backward: ctypes._CFuncPtr
     variant_saved_elems: ctypes._CFuncPtr
-    cell_forward: ctypes._CFuncPtr  # cell.c, the pointwise step of lstmkit.LSTMCell
+    cell_forward: ctypes._CFuncPtr  # cell.c, one step of lstmkit.LSTMCell
     cell_backward: ctypes._CFuncPtr
 
 
@@ -320,6 +324,7 @@ def _kernels(cdll: ctypes.CDLL, width: str = "") -> dict[torch.dtype, Kernels]:
     one variant.c, which has no second width)."""
     layer, grads = ctypes.c_char_p, ctypes.c_char_p  # packed LAYER and GRADS
     variant, variant_grads = ctypes.c_char_p, ctypes.c_char_p  # VARIANT and VARIANT_GRADS
+    cell, cell_grads = ctypes.c_char_p, ctypes.c_char_p  # CELL and CELL_GRADS
     return {
         dtype: Kernels(
             forward=_function(cdll, f"lk_forward_{suffix}{width}", ctypes.c_int, [layer]),
@@ -344,15 +349,8 @@ def _kernels(cdll: ctypes.CDLL, width: str = "") -> dict[torch.dtype, Kernels]:
             variant_saved_elems=_function(
                 cdll, f"lk_variant_saved_elems_{suffix}", ctypes.c_int64, [layer, variant]
             ),
-            cell_forward=_function(
-                cdll,
-                f"lk_cell_forward_{suffix}",
-                None,
-                [_int, _int, _int, *[_ptr] * 10, ctypes.c_int],
-            ),
-            cell_backward=_function(
-                cdll, f"lk_cell_backward_{suffix}", None, [_int, _int, _int, *[_ptr] * 17]
-            ),
+            cell_forward=_function(cdll, f"lk_cell_forward_{suffix}", None, [cell]),
+            cell_backward=_function(cdll, f"lk_cell_backward_{suffix}", None, [cell, cell_grads]),
         )
         for dtype, suffix in ((torch.float32, "f32"), (torch.float64, "f64"))
     }

@@ -112,6 +112,27 @@ typedef struct {
     void *d_w[2][LK_WEIGHTS];
 } lk_grads;
 
+/* One lstmkit.LSTMCell step (cell.c), as lstmkit.backends.cpu.cell passes it (every field 8
+ * bytes, mirrored there by a struct.Struct). N rows, H units, I inputs, G = 4H gates; tensors
+ * contiguous, of one dtype. */
+typedef struct {
+    int64_t N, H, I;
+    const void *x, *h;          /* (N, I), (N, H); x NULL: `gates` already holds the products */
+    const void *w_ih, *w_hh;    /* (G, I), (G, H) */
+    const void *b_ih, *b_hh;    /* (G,) each, or NULL */
+    const void *c;              /* (N, H) */
+    void *gates;                /* (N, G): the activations when kept for backward, or NULL */
+    void *h_out, *c_out;        /* (N, H) */
+} lk_cell;
+
+/* A step's gradients: incoming ones may be NULL (zero), wanted ones NULL (not needed). */
+typedef struct {
+    const void *acts, *c_out;    /* what the forward kept: activations (N, G) and c' */
+    const void *d_h, *d_c;       /* incoming, (N, H) */
+    void *d_gates;               /* (N, G) scratch */
+    void *d_c_prev, *db_ih, *db_hh, *d_x, *d_h_prev, *d_w_ih, *d_w_hh;
+} lk_cell_grads;
+
 /* ---- BLAS: Fortran gemm from a library the caller found (torch's MKL), else a plain loop ---- */
 
 typedef void (*lk_sgemm_fn)(const char *, const char *, const int *, const int *, const int *,
