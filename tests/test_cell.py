@@ -130,3 +130,31 @@ def test_one_trainable_parameter_gets_its_gradient(monkeypatch, trainable: str) 
     h1, c1 = cell(x, (h, c))
     (h1.sum() + 2 * c1.sum()).backward()
     assert_close(got, getattr(cell, trainable).grad, trainable, "grad")
+
+
+def test_parametrized_weight_is_used(monkeypatch) -> None:
+    """A parametrization (here weight_norm) moves weight_hh out of the module's parameters:
+    the step must use the computed weight, as torch's LSTMCell does."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    cell = lstmkit.LSTMCell(6, 8)
+    oracle = torch.nn.LSTMCell(6, 8)
+    oracle.load_state_dict(cell.state_dict())
+    weight_norm(cell, "weight_hh")
+    weight_norm(oracle, "weight_hh")
+    with torch.no_grad():  # make the computed weight differ from the one it replaced
+        cell.parametrizations.weight_hh.original0.mul_(2.0)
+        oracle.parametrizations.weight_hh.original0.mul_(2.0)
+    x, hx = torch.randn(3, 6), (torch.randn(3, 8), torch.randn(3, 8))
+    monkeypatch.setenv(backends.BACKEND_ENV, "cpu")
+    h, c = cell(x, hx)
+    (h.sum() + c.sum()).backward()
+    h_t, c_t = oracle(x, hx)
+    (h_t.sum() + c_t.sum()).backward()
+    assert_close(h.detach(), h_t.detach(), "h'", "value")
+    assert_close(c.detach(), c_t.detach(), "c'", "value")
+    for name, original in (("original0", "g"), ("original1", "v")):
+        actual = getattr(cell.parametrizations.weight_hh, name).grad
+        expected = getattr(oracle.parametrizations.weight_hh, name).grad
+        assert_close(actual, expected, f"grad weight_hh {original}", "grad")
