@@ -30,6 +30,43 @@ def assert_close(actual: Tensor, expected: Tensor, what: str, kind: str = "value
     )
 
 
+def assert_same_policy(actual: Tensor, expected: Tensor, what: str, storage: torch.dtype) -> None:
+    """Two runs of one bfloat16 or float16 call under lstmkit's precision policy (float32
+    inside, rounded to ``storage`` once at the end; see lstmkit.precision): their float32
+    results differ as the float32 table allows, and rounding can put the two on neighbouring
+    ``storage`` numbers, so they may differ by one unit in the last place of ``storage``
+    (its eps relative to the value), plus float32's absolute margin for gradients."""
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    eps = torch.finfo(storage).eps
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=eps, atol=1e-4, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def assert_half_accurate(
+    actual: Tensor, truth: Tensor, yardstick: Tensor | None, what: str, storage: torch.dtype
+) -> None:
+    """The bfloat16 / float16 rule: lstmkit's largest error against a float64 run of the same
+    numbers (``truth``) is at most that of torch.nn.LSTM's own run in ``storage``
+    (``yardstick``) by a quarter, plus one ``storage`` rounding of the largest value. Where
+    torch has no such run (lstmkit's variants, lengths=), two roundings of the largest value:
+    computing in float32 and rounding once at the end stays far within that."""
+    assert actual.shape == truth.shape, f"{what}: shape {actual.shape} != {truth.shape}"
+    eps = torch.finfo(storage).eps
+    scale = float(truth.abs().max()) if truth.numel() else 0.0
+    error = float((actual.double() - truth).abs().max()) if truth.numel() else 0.0
+    if yardstick is None:
+        bound, against = 2 * eps * scale, "two roundings of the largest value"
+    else:
+        theirs = float((yardstick.double() - truth).abs().max()) if truth.numel() else 0.0
+        bound, against = 1.25 * theirs + eps * scale, f"torch's error {theirs:.3g}"
+    assert error <= bound + 1e-6, (
+        f"{what}: error {error:.3g} against float64 exceeds {bound:.3g} ({against}; "
+        f"largest value {scale:.3g})"
+    )
+
+
 def run_packed(
     module: torch.nn.Module,
     x: Tensor,

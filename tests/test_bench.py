@@ -390,3 +390,44 @@ def test_cap_reruns_the_benchmark_capped_in_a_fresh_process(
     for name, value in runner.CAPS["avx2"].items():
         assert env[name] == value
     assert env["LSTMKIT_CPU_TARGET"] == "avx2" and env["ONEDNN_MAX_CPU_ISA"] == "AVX2"
+
+
+@pytest.mark.parametrize("mode", runner.MODES)
+@pytest.mark.parametrize(
+    ("dtype", "autocast"),
+    [(torch.bfloat16, False), (torch.float16, False), (torch.bfloat16, True)],
+    ids=["bf16", "fp16", "autocast-bf16"],
+)
+@pytest.mark.parametrize("config", [TINY, TINY_PACKED], ids=["dense", "packed"])
+def test_half_rows_pass_the_half_check(config, dtype, autocast: bool, mode: str) -> None:
+    row = runner.bench_config(config, mode, TWO_SAMPLES, runner.make_lstmkit, dtype, autocast)
+    assert row.failure is None and row.ratio is not None
+    assert row.backend == "cpu"
+
+
+def scaled(factor: float) -> runner.MakeCandidate:
+    def make(config: BenchConfig, oracle: nn.LSTM) -> nn.Module:
+        module = runner.make_lstmkit(config, oracle)
+        forward = module.forward
+
+        def broken(batch: Batch, **kwargs: object) -> tuple[Batch, tuple[Tensor, Tensor]]:
+            output, states = forward(batch, **kwargs)
+            return output * factor, states
+
+        module.forward = broken  # type: ignore[method-assign]
+        return module
+
+    return make
+
+
+@pytest.mark.parametrize("mode", runner.MODES)
+@pytest.mark.usefixtures("no_timing")
+def test_wrong_half_values_are_not_timed(mode: str) -> None:
+    """Off by a tenth: far past bfloat16's rounding, so the half check refuses it."""
+    row = runner.bench_config(TINY, mode, TWO_SAMPLES, scaled(1.1), torch.bfloat16)
+    assert row.failure is not None and row.failure.startswith("output:")
+
+
+def test_autocast_needs_a_half_dtype(capsys: pytest.CaptureFixture[str]) -> None:
+    assert runner.main(["--autocast", "--quick"]) == 2
+    assert "--autocast needs --dtype bfloat16 or float16" in capsys.readouterr().err

@@ -346,22 +346,35 @@ def test_environment_forces_reference(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_unsupported_dtype_falls_back_with_reason(
+def test_half_dtypes_run_in_the_cpu_backend(
     dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """bfloat16 and float16 are computed in float32 (lstmkit.precision), so the cpu backend
+    runs them; tests/test_half.py checks their numbers."""
     monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
-    lstmkit.LSTM(3, 4, dtype=dtype)(torch.randn(2, 1, 3, dtype=dtype))
+    out, _ = lstmkit.LSTM(3, 4, dtype=dtype)(torch.randn(2, 1, 3, dtype=dtype))
+    assert out.dtype == dtype
+    choice = backends.last_choice()
+    assert choice.backend == "cpu" and choice.passed_over == ()
+
+
+def test_unsupported_call_falls_back_with_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(backends.BACKEND_ENV, raising=False)
+    lstmkit.LSTM(3, 4, device="meta")(torch.randn(2, 1, 3, device="meta"))
     choice = backends.last_choice()
     assert choice.backend == "reference"
-    name = str(dtype).replace("torch.", "")
-    assert choice.passed_over == (("cpu", f"supports float32 and float64 only, not {name}"),)
-    assert f"cpu not used: supports float32 and float64 only, not {name}" in str(choice)
+    assert choice.passed_over == (("cpu", "runs on CPU tensors only, not meta"),)
+    assert "cpu not used: runs on CPU tensors only, not meta" in str(choice)
+    request = backends.Request("cpu", torch.complex64, False, False, False, False)
+    assert BACKEND.unavailable_reason(request) == (
+        "supports float32 and float64 only, not complex64"
+    )
 
 
-def test_forcing_cpu_on_unsupported_dtype_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_forcing_cpu_on_unsupported_call_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(backends.BACKEND_ENV, "cpu")
-    with pytest.raises(RuntimeError, match="supports float32 and float64 only, not bfloat16"):
-        lstmkit.LSTM(3, 4, dtype=torch.bfloat16)(torch.randn(2, 1, 3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="runs on CPU tensors only, not meta"):
+        lstmkit.LSTM(3, 4, device="meta")(torch.randn(2, 1, 3, device="meta"))
 
 
 def test_description_and_warmup_name_the_gemm() -> None:

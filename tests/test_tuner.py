@@ -199,3 +199,15 @@ def test_the_gemm_can_be_forced_from_the_environment(tmp_path: Path) -> None:
             [sys.executable, "-c", script], capture_output=True, text=True, check=True, env=env
         ).stdout
         assert printed.strip() == f"['{choice}']"
+
+
+def test_serial_threshold_follows_the_times() -> None:
+    """The split that costs least: one thread where it is within a tenth of two, two from where
+    they win by more; one noisy size in the middle does not move the split past it."""
+    sizes = [1.0, 4.0, 16.0, 64.0, 256.0]
+    one = [1.0, 1.0, 1.0, 1.0, 1.0]
+    assert tuner.serial_threshold(sizes, one, [2.0, 1.5, 0.6, 0.6, 0.6]) == 8.0
+    assert tuner.serial_threshold(sizes, one, [0.5] * 5) == 1.0  # two win everywhere
+    assert tuner.serial_threshold(sizes, one, [0.95] * 5) == 512.0  # never by a tenth
+    # two win from the second size on, except by 1% at the fourth: the split stays put
+    assert tuner.serial_threshold(sizes, one, [1.2, 0.8, 0.8, 0.91, 0.8]) == 2.0

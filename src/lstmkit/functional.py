@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmkit import backends, checks, onnx
+from lstmkit import backends, checks, onnx, precision
 from lstmkit.reference import NO_VARIANT, LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 
@@ -68,6 +68,63 @@ def lstm(
         variants: the variants' parameters as ``variants[layer][direction]`` (layer norm,
             peepholes); the noise of the others is drawn here from ``spec``'s probabilities.
     """
+    data = input.data if isinstance(input, PackedSequence) else input
+    cast = precision.autocast_dtype(data.device.type) if isinstance(data, Tensor) else None
+    if cast is None:
+        return _lstm(
+            input, hx, spec, weights, training, lengths, initial_state, sequences, variants
+        )
+    packed = isinstance(input, PackedSequence)
+    pair = isinstance(hx, (tuple, list)) and len(hx) == 2
+    h0, c0 = hx if pair else (None, None)
+    # torch's autocast: a dense call casts its float32 tensors to the autocast dtype; so does a
+    # packed one with projections (torch runs both through ops autocast casts); a packed one
+    # without (aten::lstm.data) runs in its states' dtype (h0's if given, else the input's),
+    # to which its float32, bfloat16 and float16 tensors are cast
+    sources: tuple[torch.dtype, ...] = (torch.float32,)
+    by_states = packed and spec.proj_size == 0
+    if by_states:
+        cast = h0.dtype if isinstance(h0, Tensor) else data.dtype
+        sources = (torch.float32, *precision.COMPUTE)
+    c_dtype = c0.dtype if isinstance(c0, Tensor) else data.dtype
+    if not by_states or cast in sources:  # (a packed call in float64 stays as it is)
+
+        def to(*items: object) -> tuple:
+            return _autocast_all(cast, sources, *items)
+
+        if packed:
+            order = (input.batch_sizes, input.sorted_indices, input.unsorted_indices)
+            input = PackedSequence(to(data)[0], *order)
+        else:
+            input = to(input)[0]
+        hx, initial_state = to(hx, initial_state)
+        weights = [[LayerWeights(*to(*w)) for w in layer] for layer in weights]
+        if variants is not None:
+            variants = [[_autocast_variant(cast, sources, v) for v in vs] for vs in variants]
+    # the casts are made: inside, autocast would run the reference's float32 products (and
+    # the cpu backend's torch.mm) in its dtype again
+    with torch.autocast(data.device.type, enabled=False):
+        result = _lstm(
+            input, hx, spec, weights, training, lengths, initial_state, sequences, variants
+        )
+    if spec.proj_size > 0 and result.c_n.dtype != c_dtype:
+        # torch's autocast LSTM with projections gives c_n in c0's dtype (the input's when c0
+        # is not given)
+        result = result._replace(c_n=result.c_n.to(c_dtype))
+    return result
+
+
+def _lstm(
+    input: Tensor | PackedSequence,
+    hx: State | None,
+    spec: LSTMSpec,
+    weights: list[list[LayerWeights]],
+    training: bool,
+    lengths: Tensor | list[int] | tuple[int, ...] | int | None,
+    initial_state: State | None,
+    sequences: bool,
+    variants: list[list[Variant]] | None,
+) -> Result:
     weight_dtype = weights[0][0].weight_ih.dtype
     if isinstance(input, PackedSequence):
         if lengths is not None:
@@ -119,6 +176,32 @@ def lstm(
     return result._replace(
         layer_outputs=tuple(to_caller(h) for h, _ in per_layer),
         layer_cells=tuple(to_caller(c) for _, c in per_layer),
+    )
+
+
+def _autocast_all(dtype: torch.dtype, sources: tuple[torch.dtype, ...], *items: object) -> tuple:
+    """Each item as autocast passes it to torch's LSTM: a tensor of a ``sources`` dtype, or a
+    pair of them, cast to ``dtype``; anything else (None, other dtypes, what the checks will
+    refuse) as it is."""
+    out = []
+    for item in items:
+        if isinstance(item, Tensor):
+            item = precision.autocast(item, dtype, sources)
+        elif isinstance(item, (tuple, list)) and all(isinstance(t, Tensor) for t in item):
+            item = type(item)(precision.autocast(t, dtype, sources) for t in item)
+        out.append(item)
+    return tuple(out)
+
+
+def _autocast_variant(
+    dtype: torch.dtype, sources: tuple[torch.dtype, ...], variant: Variant
+) -> Variant:
+    return variant._replace(
+        **{
+            name: precision.autocast(value, dtype, sources)
+            for name, value in variant._asdict().items()
+            if isinstance(value, Tensor)
+        }
     )
 
 
@@ -221,7 +304,48 @@ def run_stack(
 ) -> tuple[Tensor, Tensor, Tensor, list[tuple[Tensor, Tensor]] | None]:
     """Every layer on canonical tensors. Shape: x (L, N, H_in), h0 (num_layers*D, N, H_out),
     c0 (num_layers*D, N, H_cell) -> output (L, N, D*H_out), h_n and c_n like h0 and c0, and
-    with ``sequences`` each layer's (h (L, N, D*H_out), c (L, N, D*H_cell)) at every step."""
+    with ``sequences`` each layer's (h (L, N, D*H_out), c (L, N, D*H_cell)) at every step.
+    A call stored in bfloat16 or float16 is computed in float32 (see :mod:`lstmkit.precision`):
+    widened here, rounded back at the end."""
+    storage = x.dtype
+    compute = precision.compute_dtype(storage)
+    if compute == storage:
+        return _run_stack(x, h0, c0, spec, weights, training, lengths, sequences, variants)
+    weights = [
+        [LayerWeights(*(precision.widen(t, compute) for t in w)) for w in ws] for ws in weights
+    ]
+    if variants is not None:
+        variants = [[_widen_variant(v, compute) for v in layer] for layer in variants]
+    out, h_n, c_n, per_layer = _run_stack(
+        x.to(compute), h0.to(compute), c0.to(compute), spec, weights, training, lengths,
+        sequences, variants,
+    )  # fmt: skip
+    if per_layer is not None:
+        per_layer = [(h.to(storage), c.to(storage)) for h, c in per_layer]
+    return out.to(storage), h_n.to(storage), c_n.to(storage), per_layer
+
+
+def _widen_variant(variant: Variant, dtype: torch.dtype) -> Variant:
+    return variant._replace(
+        **{
+            name: precision.widen(value, dtype)
+            for name, value in variant._asdict().items()
+            if isinstance(value, Tensor)
+        }
+    )
+
+
+def _run_stack(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    spec: LSTMSpec,
+    weights: list[list[LayerWeights]],
+    training: bool,
+    lengths: Tensor | None,
+    sequences: bool,
+    variants: list[list[Variant]] | None,
+) -> tuple[Tensor, Tensor, Tensor, list[tuple[Tensor, Tensor]] | None]:
     if onnx.exporting():
         result = onnx.run_stack(x, h0, c0, spec, weights, training, lengths, sequences, variants)
         return (*result, None)

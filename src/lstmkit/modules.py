@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from lstmkit import backends, checks, functional, reference
+from lstmkit import backends, checks, functional, precision, reference
 from lstmkit.reference import LayerWeights, Variant
 from lstmkit.spec import LSTMSpec
 from lstmkit.streaming import Stream
@@ -483,6 +483,13 @@ class LSTMCell(nn.Module):
             or c.requires_grad
             or any(t is not None and t.requires_grad for t in w)
         )
+        compute = precision.compute_dtype(x.dtype)
+        if compute != x.dtype:  # bfloat16, float16: computed in float32 (lstmkit.precision)
+            h_next, c_next = self._step(
+                x.to(compute), h.to(compute), c.to(compute),
+                tuple(precision.widen(t, compute) for t in w),
+            )  # fmt: skip
+            return h_next.to(x.dtype), c_next.to(x.dtype)
         request = backends.Request(x.device.type, x.dtype, requires_grad, False, False, False)
         if backends.choose(request).name == "cpu":
             cell = _cpu_cell()

@@ -25,7 +25,13 @@ def report_lines() -> list[str]:
                 reason = backend.unavailable_reason(request)
                 status = "can run" if reason is None else f"cannot run: {reason}"
                 lines.append(f"  {name:<10} {status}")
-    lines.append("")
+    lines += [
+        "cpu bfloat16 and float16 (modules of those dtypes, and torch.autocast): stored so and "
+        "computed in float32 (lstmkit.precision), so they run as float32 calls above; the cpu "
+        "kernels have no bf16 or fp16 products yet, whatever the CPU has (this one: "
+        f"{_half_features()})",
+        "",
+    ]
     for name in backends.PREFERENCE:
         backend = backends.get(name)
         lines.append(f"{name}: {backend.description}")
@@ -36,6 +42,17 @@ def report_lines() -> list[str]:
     if last is not None:
         lines += ["", f"last call in this thread: {last}"]
     return lines
+
+
+def _half_features() -> str:
+    from lstmkit.backends.cpu import machine
+
+    have = [
+        f
+        for f in ("avx512_bf16", "amx_bf16", "avx512_fp16", "bf16", "fphp")
+        if f in machine.machine().features
+    ]
+    return ", ".join(have) if have else "no bf16 or fp16 arithmetic"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,6 +12,7 @@ shapes and finiteness.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -296,3 +297,89 @@ def _first(problems: list[str | None]) -> str | None:
         return None
     more = f" (and {len(found) - 1} more mismatches)" if len(found) > 1 else ""
     return found[0] + more
+
+
+def check_half(
+    mode: str,
+    oracle: nn.Module,
+    candidate: nn.Module,
+    batch: Batch,
+    dtype: torch.dtype,
+    autocast: bool,
+) -> str | None:
+    """The check of a bfloat16 or float16 run (modules of ``dtype``, or float32 modules under
+    ``torch.autocast`` to it): ``None`` if the candidate passes, else why not (one line).
+
+    The rule of lstmkit's tests (tests/compare.py): against a float64 run of the same numbers
+    (the parameters and input rounded to ``dtype``), the candidate's largest error in every
+    output, state and (training) gradient is at most torch's own run's by a quarter, plus one
+    rounding in ``dtype`` of the largest value; dtypes must be torch's.
+    """
+    truth = copy.deepcopy(oracle)
+    with torch.no_grad():
+        for param in truth.parameters():
+            param.data = param.data.to(dtype).double()
+    exact = _cast_batch(batch, lambda t: t.to(dtype).double())
+    training = mode == "training"
+    runs = []
+    for module, inputs, cast in ((truth, exact, False), (oracle, batch, autocast),
+                                 (candidate, batch, autocast)):  # fmt: skip
+        module.train(training)
+        try:
+            runs.append(_half_run(module, inputs, dtype, cast, training))
+        except Exception as error:  # a side that cannot run is a failed check, not a crash
+            if module is truth:
+                raise
+            who = "torch.nn.LSTM" if module is oracle else "the candidate"
+            return f"{who} raised {type(error).__name__}: {error}"
+        finally:
+            module.zero_grad(set_to_none=True)
+    (names, expected), (_, theirs), (_, ours) = runs
+    eps = torch.finfo(dtype).eps
+    problems: list[str | None] = []
+    for name, t, y, a in zip(names, expected, theirs, ours, strict=True):
+        if a is None or y is None or a.dtype != y.dtype or a.shape != y.shape:
+            problems.append(f"{name}: {_describe(a)}, torch gives {_describe(y)}")
+            continue
+        truth_t, scale = t.double(), float(t.abs().max()) if t.numel() else 0.0
+        error = float((a.double() - truth_t).abs().max()) if t.numel() else 0.0
+        torch_error = float((y.double() - truth_t).abs().max()) if t.numel() else 0.0
+        bound = 1.25 * torch_error + eps * scale + 1e-6
+        if not error <= bound:
+            problems.append(
+                f"{name}: error {error:.3g} against float64, more than {bound:.3g} (torch's "
+                f"{torch_error:.3g}, largest value {scale:.3g})"
+            )
+    return _first(problems)
+
+
+def _describe(t: Tensor | None) -> str:
+    return "nothing" if t is None else f"{tuple(t.shape)} {t.dtype}"
+
+
+def _cast_batch(batch: Batch, cast: Callable[[Tensor], Tensor]) -> Batch:
+    if isinstance(batch, PackedSequence):
+        order = (batch.batch_sizes, batch.sorted_indices, batch.unsorted_indices)
+        return PackedSequence(cast(batch.data), *order)
+    return cast(batch)
+
+
+def _half_run(
+    module: nn.Module, batch: Batch, dtype: torch.dtype, autocast: bool, training: bool
+) -> tuple[list[str], list[Tensor | None]]:
+    """Names and values of the outputs and, in training, of the gradients of the input and of
+    every parameter under a fixed weighting of the outputs (rounded to ``dtype``, so that
+    every run weights with the same numbers)."""
+    leaf_batch, leaf = _leaf_batch(batch)
+    with torch.set_grad_enabled(training), torch.autocast("cpu", dtype=dtype, enabled=autocast):
+        outputs = _forward(module, leaf_batch)
+    values = [t.detach() for t in _tensors(outputs)]
+    names = ["output", "h_n", "c_n"]
+    if not training:
+        return names, values
+    generator = torch.Generator().manual_seed(1)
+    weights = [torch.randn(t.shape, generator=generator).to(dtype).to(t.dtype) for t in values]
+    _weighted_sum(outputs, weights).backward()
+    params = dict(module.named_parameters())
+    names += ["grad input"] + [f"grad {name}" for name in params]
+    return names, values + [leaf.grad] + [p.grad for p in params.values()]

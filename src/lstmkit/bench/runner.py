@@ -31,7 +31,7 @@ import lstmkit
 from lstmkit import backends
 from lstmkit.backends.cpu import machine
 from lstmkit.bench import report
-from lstmkit.bench.check import Batch, check
+from lstmkit.bench.check import Batch, check, check_half
 from lstmkit.bench.configs import (
     SHAPE_SYNTAX,
     BenchConfig,
@@ -70,6 +70,10 @@ class Settings:
     )
     peak_size: int = 4096
     peak_repeats: int = 5
+    # bfloat16 / float16: both modules in that dtype, or (autocast) float32 modules under
+    # torch.autocast to it; checked by check_half, the peak is that dtype's torch.mm
+    dtype: torch.dtype = torch.float32
+    autocast: bool = False
 
 
 QUICK = Settings(
@@ -105,26 +109,55 @@ def step(module: nn.Module, batch: Batch, mode: str, **kwargs: object) -> Callab
 
 
 def bench_config(
-    config: BenchConfig, mode: str, budget: Budget, make_candidate: MakeCandidate = make_lstmkit
+    config: BenchConfig,
+    mode: str,
+    budget: Budget,
+    make_candidate: MakeCandidate = make_lstmkit,
+    dtype: torch.dtype = torch.float32,
+    autocast: bool = False,
 ) -> report.Row:
-    """Check the candidate on ``config`` in ``mode``; time it against torch only if it passes."""
+    """Check the candidate on ``config`` in ``mode``; time it against torch only if it passes.
+    With a ``dtype`` other than float32: both modules and the batch in it, or with ``autocast``
+    both float32 modules under ``torch.autocast`` to it."""
     torch.manual_seed(0)
     oracle = nn.LSTM(**config.lstm_kwargs())
     candidate = make_candidate(config, oracle)
     batch = make_input(config)
-    failure, backend = backend_used(lambda: check(mode, oracle, candidate, batch))
+    if dtype == torch.float32:
+        failure, backend = backend_used(lambda: check(mode, oracle, candidate, batch))
+    else:
+        if not autocast:
+            oracle, candidate = oracle.to(dtype), candidate.to(dtype)
+            batch = _to_dtype(batch, dtype)
+        failure, backend = backend_used(
+            lambda: check_half(mode, oracle, candidate, batch, dtype, autocast)
+        )
     if failure is not None:
         return report.Row(config, mode, backend, failure)
-    timings, timed_backend = backend_used(
-        lambda: time_interleaved(
-            {"torch": step(oracle, batch, mode), "lstmkit": step(candidate, batch, mode)}, budget
-        )
-    )
+    steps = {"torch": step(oracle, batch, mode), "lstmkit": step(candidate, batch, mode)}
+    if autocast:
+        steps = {name: _under_autocast(run, dtype) for name, run in steps.items()}
+    timings, timed_backend = backend_used(lambda: time_interleaved(steps, budget))
     if timed_backend != backend:
         # The timed calls took another path than the checked ones: say so rather than hide it.
         backend = f"{timed_backend} (checked: {backend})"
     load = report.load_average()
     return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"], load)
+
+
+def _to_dtype(batch: Batch, dtype: torch.dtype) -> Batch:
+    if isinstance(batch, PackedSequence):
+        order = (batch.batch_sizes, batch.sorted_indices, batch.unsorted_indices)
+        return PackedSequence(batch.data.to(dtype), *order)
+    return batch.to(dtype)
+
+
+def _under_autocast(run: Callable[[], None], dtype: torch.dtype) -> Callable[[], None]:
+    def autocast_run() -> None:
+        with torch.autocast("cpu", dtype=dtype):
+            run()
+
+    return autocast_run
 
 
 def backend_used(work: Callable[[], T]) -> tuple[T, str]:
@@ -160,13 +193,16 @@ def run_benchmark(
     with quiet_oracle():
         for config in configs:
             for mode in settings.modes:
-                row = bench_config(config, mode, settings.budget, make_candidate)
+                row = bench_config(
+                    config, mode, settings.budget, make_candidate, settings.dtype,
+                    settings.autocast,
+                )  # fmt: skip
                 out(report.table_line(env, row, width))
                 if on_row is not None:
                     on_row(row)
                 rows.append(row)
-            if config.lengths is None:
-                continue
+            if config.lengths is None or settings.dtype != torch.float32:
+                continue  # (lengths= rows: float32 only, for now)
             for mode in settings.modes:
                 row = bench_lengths(
                     config, mode, settings.budget, make_candidate, step, backend_used
@@ -248,6 +284,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "process (they read it at start-up)",
     )
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="the dtype both libraries run in (default float32); bfloat16 and float16 are "
+        "checked against a float64 run of the same numbers (lstmkit's error at most torch's "
+        "by a quarter), and the peak is torch.mm's in that dtype",
+    )
+    parser.add_argument(
+        "--autocast",
+        action="store_true",
+        help="with --dtype bfloat16 or float16: float32 modules under torch.autocast to it "
+        "instead of modules of that dtype",
+    )
+    parser.add_argument(
         "--limits",
         action="store_true",
         help="measure what this machine allows instead: one core's FMA rate and cache "
@@ -316,7 +366,10 @@ def settings_from(args: argparse.Namespace) -> Settings:
         budget = replace(budget, repeats=args.repeats)
     modes = MODES if args.mode == "both" else (args.mode,)
     peak_size = args.peak_size if args.peak_size is not None else base.peak_size
-    return Settings(modes, budget, peak_size, base.peak_repeats)
+    dtype = getattr(torch, args.dtype)
+    if args.autocast and dtype == torch.float32:
+        raise ValueError("--autocast needs --dtype bfloat16 or float16")
+    return Settings(modes, budget, peak_size, base.peak_repeats, dtype, args.autocast)
 
 
 def default_csv(env: report.Environment) -> Path:
@@ -356,8 +409,8 @@ def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Env
     if args.backend is not None:
         os.environ[backends.BACKEND_ENV] = args.backend
     load = report.load_average()
-    print(f"measuring the sgemm peak ({settings.peak_size}^3)...", flush=True)
-    peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
+    print(f"measuring the GEMM peak ({settings.peak_size}^3)...", flush=True)
+    peak = sgemm_peak(settings.peak_size, settings.peak_repeats, settings.dtype)
     env = report.collect_environment(grid, peak, load)
     print("\n".join(env.lines()))
     busy = report.busy_warning(env)
@@ -365,6 +418,10 @@ def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Env
         print(busy)
     forced = backends.forced_name()
     print(f"lstmkit backend: {f'{forced} (forced)' if forced else 'lstmkit chooses'}")
+    if settings.dtype != torch.float32:
+        how = "float32 modules under torch.autocast to" if settings.autocast else "modules of"
+        name = str(settings.dtype).replace("torch.", "")
+        print(f"dtype: {how} {name}; the peak above is torch.mm's in {name}")
     names = sorted({name for settings in CAPS.values() for name in settings})
     capped = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
     if capped:
@@ -375,9 +432,9 @@ def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Env
 def end_peak(env: report.Environment, settings: Settings) -> float:
     """The sgemm peak measured again and printed beside the first, so that a change of the
     machine's load during the run shows."""
-    peak = sgemm_peak(settings.peak_size, settings.peak_repeats)
+    peak = sgemm_peak(settings.peak_size, settings.peak_repeats, settings.dtype)
     print(
-        f"\nsgemm peak at the end: {peak:.1f} GFLOP/s (start: {env.sgemm_gflops:.1f}); a large "
+        f"\nGEMM peak at the end: {peak:.1f} GFLOP/s (start: {env.sgemm_gflops:.1f}); a large "
         f"change means the machine's load changed during the run"
     )
     return peak
@@ -397,13 +454,13 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:
         return variants.run(args)
     try:
         grid_path, grid, configs = load_configs(args)
+        settings = settings_from(args)
     except (OSError, ValueError) as error:  # a usage error: say it in one line, no traceback
         print(f"lstmkit bench: error: {error}", file=sys.stderr)
         return 2
     if args.list:
         print_grid(grid)
         return 0
-    settings = settings_from(args)
     if args.limits:
         # Imported here: only this option compiles and loads the probes.
         from lstmkit.bench import limits

@@ -132,13 +132,13 @@ def _sample(fn: Callable[[], object], calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
-def sgemm_peak(size: int, repeats: int) -> float:
-    """fp32 ``torch.mm`` of two size x size matrices at the current thread count: the median
-    GFLOP/s (2 * size^3 FLOPs per call), timed like the candidates."""
+def sgemm_peak(size: int, repeats: int, dtype: torch.dtype = torch.float32) -> float:
+    """``torch.mm`` of two size x size matrices (fp32, or ``dtype``) at the current thread
+    count: the median GFLOP/s (2 * size^3 FLOPs per call), timed like the candidates."""
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(size, size, generator=generator)
-    b = torch.randn(size, size, generator=generator)
-    out = torch.empty(size, size)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
+    out = torch.empty(size, size, dtype=dtype)
     budget = Budget(0.0, repeats, repeats, repeats, warmup_s=0.0, warmup_calls=1)
     timing = time_interleaved({"sgemm": lambda: torch.mm(a, b, out=out)}, budget)["sgemm"]
     return 2 * size**3 / timing.p50 / 1e9

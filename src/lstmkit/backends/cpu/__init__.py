@@ -62,7 +62,7 @@ class CpuBackend(Backend):
             state = f"GEMM: none, the kernels are not built: {reason}"
         return (
             "fused C kernels (OpenMP, vectorised gates) built with the machine's C compiler; "
-            f"float32 and float64 on CPU; {state}"
+            f"float32 and float64 on CPU (bfloat16 and float16 computed in float32); {state}"
         )
 
     def details(self) -> list[str]:

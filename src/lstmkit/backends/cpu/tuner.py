@@ -8,8 +8,9 @@ candidates interleaved and each timing the median of repeats:
   gradients over a chunk of rows, the input gradient). Which one is faster depends on the CPU
   and on the BLAS's support for it: MKL on an AMD CPU runs its AVX2 code, for one.
 - ``serial_flops``: below how many flops a call runs on one thread. Forward calls of growing
-  size on one thread and on two; the threshold is where two threads start to win by a tenth
-  and keep winning. Only measured where torch allows two threads.
+  size on one thread and on two; the threshold is the split that costs least over all sizes,
+  two threads charged for their second core (they must win by a tenth), see
+  :func:`serial_threshold`. Only measured where torch allows two threads.
 - ``one_team``: whether a bidirectional layer runs its two directions side by side (a thread
   each) or one after the other on every thread, timed on two bidirectional layers, forward and
   backward.
@@ -320,7 +321,7 @@ def _time_threads(base: machine.Plan, quick: bool, repeats: int) -> tuple[float,
     one = dataclasses.replace(base, serial_flops=float("inf"))
     every = dataclasses.replace(base, serial_flops=0.0)
     threads = torch.get_num_threads()
-    measured, wins = {}, []
+    measured, times_one, times_every = {}, [], []
     try:
         for hidden in thread_shapes(quick):
             module = LSTM(hidden, hidden)
@@ -334,21 +335,32 @@ def _time_threads(base: machine.Plan, quick: bool, repeats: int) -> tuple[float,
             times = _interleaved({"1": lambda: run(one), "2": lambda: run(every)}, repeats)
             measured[f"H={hidden} 1 thread"] = times["1"]
             measured[f"H={hidden} {threads} threads"] = times["2"]
-            wins.append(times["2"] <= TWO_THREADS_WIN * times["1"])
+            times_one.append(times["1"])
+            times_every.append(times["2"])
     finally:
         library.configure(plan=base)
     sizes = [_flops(h) for h in thread_shapes(quick)]
-    # the smallest size from which two threads win at every size measured
-    first = len(wins)
-    while first > 0 and wins[first - 1]:
-        first -= 1
-    if first == 0:
-        serial = sizes[0]
-    elif first == len(sizes):
-        serial = 2 * sizes[-1]
-    else:
-        serial = (sizes[first - 1] * sizes[first]) ** 0.5
-    return float(serial), measured
+    return serial_threshold(sizes, times_one, times_every), measured
+
+
+def serial_threshold(sizes: list[float], one: list[float], every: list[float]) -> float:
+    """The serial_flops threshold from the times of growing ``sizes`` (flops) on one thread
+    and on every thread: the split (one thread below it, every thread from it on) that costs
+    least over all sizes, each size's time relative to its better choice and every thread's
+    charged 1 / TWO_THREADS_WIN for the cores it takes; a tie keeps one thread. One noisy
+    size moves the split by at most that size, where a rule of "the first size from which
+    every thread wins everywhere" jumps past the largest one."""
+    best = [min(a, b / TWO_THREADS_WIN) for a, b in zip(one, every, strict=True)]
+    one_cost = [a / m for a, m in zip(one, best)]
+    every_cost = [b / TWO_THREADS_WIN / m for b, m in zip(every, best)]
+    splits = range(len(sizes) + 1)
+    cost = {i: sum(one_cost[:i]) + sum(every_cost[i:]) for i in splits}
+    split = min(splits, key=lambda i: (cost[i], -i))
+    if split == 0:
+        return float(sizes[0])
+    if split == len(sizes):
+        return float(2 * sizes[-1])
+    return float((sizes[split - 1] * sizes[split]) ** 0.5)
 
 
 def _time_teams(base: machine.Plan, repeats: int) -> dict[str, float]:
