@@ -311,9 +311,8 @@ def run_stack(
     compute = precision.compute_dtype(storage)
     if compute == storage:
         return _run_stack(x, h0, c0, spec, weights, training, lengths, sequences, variants)
-    weights = [
-        [LayerWeights(*(precision.widen(t, compute) for t in w)) for w in ws] for ws in weights
-    ]
+    widened = iter(precision.widen([t for ws in weights for w in ws for t in w], compute))
+    weights = [[LayerWeights(*(next(widened) for _ in w)) for w in ws] for ws in weights]
     if variants is not None:
         variants = [[_widen_variant(v, compute) for v in layer] for layer in variants]
     out, h_n, c_n, per_layer = _run_stack(
@@ -326,13 +325,9 @@ def run_stack(
 
 
 def _widen_variant(variant: Variant, dtype: torch.dtype) -> Variant:
-    return variant._replace(
-        **{
-            name: precision.widen(value, dtype)
-            for name, value in variant._asdict().items()
-            if isinstance(value, Tensor)
-        }
-    )
+    names = [name for name, value in variant._asdict().items() if isinstance(value, Tensor)]
+    widened = precision.widen([getattr(variant, name) for name in names], dtype)
+    return variant._replace(**dict(zip(names, widened, strict=True)))
 
 
 def _run_stack(

@@ -487,7 +487,7 @@ class LSTMCell(nn.Module):
         if compute != x.dtype:  # bfloat16, float16: computed in float32 (lstmkit.precision)
             h_next, c_next = self._step(
                 x.to(compute), h.to(compute), c.to(compute),
-                tuple(precision.widen(t, compute) for t in w),
+                tuple(precision.widen(list(w), compute)),
             )  # fmt: skip
             return h_next.to(x.dtype), c_next.to(x.dtype)
         request = backends.Request(x.device.type, x.dtype, requires_grad, False, False, False)

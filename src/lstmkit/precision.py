@@ -64,15 +64,33 @@ def autocast(
 _widened: dict[int, tuple[weakref.ref, int, bool, Tensor]] = {}
 
 
-def widen(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    """``t`` in ``dtype`` (a float32 copy of a bf16 weight). Differentiable where autograd
-    records it; otherwise the copy is kept while ``t`` lives and is unchanged (its
-    ``_version``), and is given again on the next call."""
-    if t is None or t.dtype == dtype:
-        return t
-    if not _cacheable(t):
-        return t.to(dtype)
-    key, inference = id(t), torch.is_inference_mode_enabled()
+def widen(tensors: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
+    """Each of ``tensors`` in ``dtype`` (float32 copies of bf16 weights). Differentiable where
+    autograd records a tensor; otherwise its copy is kept while the tensor lives and is
+    unchanged (its ``_version``), and is given again on the next call. Not kept under a
+    compiler, tracer or torch.func transform, which would see a stale copy."""
+    keep = not (
+        torch.compiler.is_compiling()
+        or torch._C._is_tracing()
+        or torch._C._are_functorch_transforms_active()
+    )
+    grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
+    out: list[Tensor | None] = []
+    for t in tensors:
+        if t is None or t.dtype == dtype:
+            out.append(t)
+        elif not keep or (grad and t.requires_grad) or type(t) not in _PLAIN:
+            out.append(t.to(dtype))
+        else:
+            out.append(_kept(t, dtype, inference))
+    return out
+
+
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def _kept(t: Tensor, dtype: torch.dtype, inference: bool) -> Tensor:
+    key = id(t)
     kept = _widened.get(key)
     if kept is not None and kept[0]() is t and kept[1] == t._version and kept[2] == inference:
         return kept[3]
@@ -80,15 +98,3 @@ def widen(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     _widened[key] = (weakref.ref(t, lambda _, key=key: _widened.pop(key, None)), t._version,
                      inference, copy)  # fmt: skip
     return copy
-
-
-def _cacheable(t: Tensor) -> bool:
-    """Whether ``t``'s widened copy may be kept: a plain tensor that autograd does not record,
-    outside a compiler, tracer or torch.func transform (which would see a stale copy)."""
-    if torch.is_grad_enabled() and t.requires_grad:
-        return False
-    if torch.compiler.is_compiling() or torch._C._is_tracing():
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    return type(t) in (Tensor, torch.nn.Parameter)

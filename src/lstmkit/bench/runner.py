@@ -411,7 +411,8 @@ def start(args: argparse.Namespace, settings: Settings, grid: str) -> report.Env
     load = report.load_average()
     print(f"measuring the GEMM peak ({settings.peak_size}^3)...", flush=True)
     peak = sgemm_peak(settings.peak_size, settings.peak_repeats, settings.dtype)
-    env = report.collect_environment(grid, peak, load)
+    dtype = str(settings.dtype).replace("torch.", "")
+    env = report.collect_environment(grid, peak, load, dtype, settings.autocast)
     print("\n".join(env.lines()))
     busy = report.busy_warning(env)
     if busy is not None:
@@ -434,8 +435,8 @@ def end_peak(env: report.Environment, settings: Settings) -> float:
     machine's load during the run shows."""
     peak = sgemm_peak(settings.peak_size, settings.peak_repeats, settings.dtype)
     print(
-        f"\nGEMM peak at the end: {peak:.1f} GFLOP/s (start: {env.sgemm_gflops:.1f}); a large "
-        f"change means the machine's load changed during the run"
+        f"\n{env.peak_name} at the end: {peak:.1f} GFLOP/s (start: {env.sgemm_gflops:.1f}); a "
+        f"large change means the machine's load changed during the run"
     )
     return peak
 
