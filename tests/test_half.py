@@ -232,3 +232,21 @@ def test_widened_weights_are_kept_and_never_stale(monkeypatch) -> None:
         expected, _ = fresh(x)
     assert not torch.equal(after, before)
     assert torch.equal(after, expected)
+
+
+def test_autocast_weights_are_kept_and_never_stale() -> None:
+    """Under autocast, inference keeps the bf16 copy of a float32 weight between calls, and an
+    optimizer step on the weight gives a fresh one."""
+    torch.manual_seed(0)
+    lstm = lstmkit.LSTM(5, 8)
+    x = torch.randn(4, 2, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before, _ = lstm(x)
+        again, _ = lstm(x)
+        assert torch.equal(before, again)
+        lstm.weight_ih_l0.mul_(0.5)
+        after, _ = lstm(x)
+        expected, _ = copy.deepcopy(lstm)(x)
+    assert before.dtype == torch.bfloat16
+    assert not torch.equal(after, before)
+    assert torch.equal(after, expected)

@@ -98,7 +98,9 @@ def lstm(
         else:
             input = to(input)[0]
         hx, initial_state = to(hx, initial_state)
-        weights = [[LayerWeights(*to(*w)) for w in layer] for layer in weights]
+        flat = precision.copies([t for ws in weights for w in ws for t in w], cast, sources)
+        cast_weights = iter(flat)
+        weights = [[LayerWeights(*(next(cast_weights) for _ in w)) for w in ws] for ws in weights]
         if variants is not None:
             variants = [[_autocast_variant(cast, sources, v) for v in vs] for vs in variants]
     # the casts are made: inside, autocast would run the reference's float32 products (and

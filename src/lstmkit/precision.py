@@ -18,9 +18,10 @@ torch's does). A packed call without projections (``aten::lstm.data``) runs, as 
 in its states' dtype (h0's if given, else the input's), casting its float32, bfloat16 and
 float16 tensors to it. ``LSTMCell`` is left alone, as torch leaves its own.
 
-Widened copies of weights that autograd does not record are kept between calls (see
-:func:`widen`), keyed by the tensor and its ``_version``, so that a short call (a decoding
-step) neither copies its weights nor misses the cpu backend's cache of packed weights.
+Copies of weights that autograd does not record (widened, or cast by autocast) are kept
+between calls (see :func:`copies`), keyed by the tensor and its ``_version``, so that a short
+call (a decoding step) neither copies its weights nor misses the cpu backend's cache of packed
+weights.
 """
 
 from __future__ import annotations
@@ -60,15 +61,24 @@ def autocast(
     return t.to(dtype)
 
 
-# id(tensor) -> (weak reference to it, its _version, inference mode, the widened copy)
-_widened: dict[int, tuple[weakref.ref, int, bool, Tensor]] = {}
+# (id(tensor), dtype) -> (weak reference to it, its _version, inference mode, the copy)
+_kept_copies: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, bool, Tensor]] = {}
 
 
 def widen(tensors: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
-    """Each of ``tensors`` in ``dtype`` (float32 copies of bf16 weights). Differentiable where
-    autograd records a tensor; otherwise its copy is kept while the tensor lives and is
-    unchanged (its ``_version``), and is given again on the next call. Not kept under a
-    compiler, tracer or torch.func transform, which would see a stale copy."""
+    """Each of ``tensors`` in ``dtype`` (float32 copies of bf16 weights); see :func:`copies`."""
+    return copies(tensors, dtype, tuple(COMPUTE))
+
+
+def copies(
+    tensors: list[Tensor | None], dtype: torch.dtype, sources: tuple[torch.dtype, ...]
+) -> list[Tensor | None]:
+    """Each of ``tensors`` of a ``sources`` dtype in ``dtype``, the others as they are: weights,
+    widened for the compute dtype or cast by autocast. Differentiable where autograd records a
+    tensor; otherwise its copy is kept while the tensor lives and is unchanged (its
+    ``_version``), and is given again on the next call, so that a short call neither copies its
+    weights nor misses the cpu backend's packed ones. Not kept under a compiler, tracer or
+    torch.func transform, which would see a stale copy."""
     keep = not (
         torch.compiler.is_compiling()
         or torch._C._is_tracing()
@@ -77,7 +87,7 @@ def widen(tensors: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | Non
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     out: list[Tensor | None] = []
     for t in tensors:
-        if t is None or t.dtype == dtype:
+        if t is None or t.dtype == dtype or t.dtype not in sources:
             out.append(t)
         elif not keep or (grad and t.requires_grad) or type(t) not in _PLAIN:
             out.append(t.to(dtype))
@@ -90,11 +100,11 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 
 
 def _kept(t: Tensor, dtype: torch.dtype, inference: bool) -> Tensor:
-    key = id(t)
-    kept = _widened.get(key)
+    key = (id(t), dtype)
+    kept = _kept_copies.get(key)
     if kept is not None and kept[0]() is t and kept[1] == t._version and kept[2] == inference:
         return kept[3]
     copy = t.detach().to(dtype)
-    _widened[key] = (weakref.ref(t, lambda _, key=key: _widened.pop(key, None)), t._version,
-                     inference, copy)  # fmt: skip
+    _kept_copies[key] = (weakref.ref(t, lambda _, key=key: _kept_copies.pop(key, None)),
+                         t._version, inference, copy)  # fmt: skip
     return copy
