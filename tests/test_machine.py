@@ -153,6 +153,20 @@ def test_few_units_take_the_narrow_vectors(hidden: int, narrow: bool) -> None:
     assert machine.narrow_pays(hidden, 16, 8) is narrow
 
 
+@pytest.mark.parametrize(
+    ("hidden", "threads", "cost", "narrow"),
+    [(100, 2, 1.0, True), (100, 2, 1.08, True), (100, 2, 2.0, False), (100, 2, None, False),
+     (100, 1, 1.0, False), (128, 2, 1.0, False), (200, 2, 1.0, True), (300, 2, 1.0, False),
+     (20, 2, 2.0, True)],
+)  # fmt: skip
+def test_an_uneven_split_takes_the_narrow_vectors_where_they_cost_less(
+    hidden: int, threads: int, cost: float | None, narrow: bool
+) -> None:
+    """100 units over two threads: 64 lanes on the slower one in 16-lane vectors, 56 in 8-lane
+    ones, worth it while a narrow lane costs under 0.95 * 64 / 56 of a wide one."""
+    assert machine.narrow_pays(hidden, 16, 8, threads, cost) is narrow
+
+
 @pytest.mark.parametrize("target", ["avx512", "avx2", "generic"])
 def test_a_library_has_narrow_kernels_where_its_vectors_are_wider(target: str) -> None:
     tier = machine.tier_named(target)

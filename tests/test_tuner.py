@@ -82,7 +82,9 @@ def restored():
     """The loaded library's GEMMs, plan and tuning words restored after the test."""
     before = library.load()
     yield before
-    library.configure(gemm=before.gemm, plan=before.plan, tuning=before.tuning)
+    library.configure(
+        gemm=before.gemm, plan=before.plan, tuning=before.tuning, narrow_cost=before.narrow_cost
+    )
 
 
 def bidirectional_run(backend: str, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype):
@@ -141,6 +143,14 @@ def test_tune_measures_keeps_and_applies(tmp_path: Path, restored) -> None:
     if torch.get_num_threads() >= 2:
         assert tuning.serial_flops is not None and tuning.serial_flops > 0
         assert tuning.one_team is not None
+    # the 32-byte kernels' cost, where the tier has them beside wider ones
+    has_narrow = bool(library.load().narrow)
+    assert (tuning.narrow_cost is not None) is has_narrow
+    if has_narrow:
+        times = tuning.measured["narrow"]
+        assert tuning.narrow_cost == times["narrow"] / times["wide"]
+        assert any("32-byte kernels: a lane costs" in line for line in tuning.describe())
+    assert library.load().narrow_cost == tuning.narrow_cost
     # applied to the loaded library
     loaded = library.load()
     assert loaded.gemm == tuning.gemm_choice()
@@ -211,3 +221,37 @@ def test_serial_threshold_follows_the_times() -> None:
     assert tuner.serial_threshold(sizes, one, [0.95] * 5) == 512.0  # never by a tenth
     # two win from the second size on, except by 1% at the fourth: the split stays put
     assert tuner.serial_threshold(sizes, one, [1.2, 0.8, 0.8, 0.91, 0.8]) == 2.0
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_narrow_kernels_for_an_uneven_split_match_the_reference(
+    monkeypatch: pytest.MonkeyPatch, restored, dtype: torch.dtype
+) -> None:
+    """The candidate narrow_cost chooses: a layer of 100 units (7 wide vectors of float32, 4
+    and 3 per thread) in the 32-byte kernels where a narrow lane costs what a wide one does,
+    against the reference, values and every gradient."""
+    loaded = library.load()
+    if not loaded.narrow:
+        pytest.skip(f"the {loaded.tier.name} tier has no narrower kernels")
+    if torch.get_num_threads() < 2:
+        pytest.skip("one thread: every split is even")
+    hidden = 100 if dtype == torch.float32 else 50  # 7 and 13 vectors; 7 and 13 for float64
+    library.configure(narrow_cost=1.0)
+    configured = library.load()
+    configured.chosen.pop((dtype, hidden), None)  # chosen again under this cost
+    try:
+        assert configured.kernels_for(dtype, hidden) is configured.narrow[dtype]
+        results = []
+        for backend in ("cpu", "reference"):
+            monkeypatch.setenv(backends.BACKEND_ENV, backend)
+            torch.manual_seed(0)
+            lstm = lstmkit.LSTM(30, hidden, dtype=dtype)
+            x = torch.randn(6, 70, 30, dtype=dtype, requires_grad=True)
+            out, (h, c) = lstm(x)
+            seeds = [torch.randn_like(t) for t in (out, h, c)]
+            grads = torch.autograd.grad((out, h, c), [x, *lstm.parameters()], seeds)
+            results.append([t.detach() for t in (out, h, c, *grads)])
+        for k, (a, e) in enumerate(zip(*results, strict=True)):
+            assert_close(a, e, f"result {k}", "value" if k < 3 else "grad")
+    finally:
+        configured.chosen.pop((dtype, hidden), None)

@@ -97,6 +97,8 @@ class Library:
     gemm: dict[torch.dtype, str]  # per dtype "own" (lstmkit's, gemm.h) or "blas"
     tuning: str  # where the choices come from, in words (lstmkit.backends.cpu.tuner)
     chosen: dict[tuple[torch.dtype, int], Kernels] = dataclasses.field(default_factory=dict)
+    # a narrow lane's time over a wide one's, as tuned (None: not measured; see narrow_pays)
+    narrow_cost: float | None = None
 
     def kernels_for(self, dtype: torch.dtype, hidden: int) -> Kernels:
         """The plain kernels for a layer of ``hidden`` units (machine.narrow_pays); forward
@@ -111,7 +113,8 @@ class Library:
         if narrow is not None:
             item = dtype.itemsize
             wide, lanes = self.tier.vector_bytes // item, machine.NARROW_BYTES // item
-            if machine.narrow_pays(hidden, wide, lanes):
+            threads = torch.get_num_threads()
+            if machine.narrow_pays(hidden, wide, lanes, threads, self.narrow_cost):
                 return narrow
         return self.kernels[dtype]
 
@@ -195,9 +198,11 @@ def _load(target: str) -> tuple[Library, str | None]:
     plan = machine.plan(machine.machine(), tier)
     gemm = {dtype: "blas" for dtype in DTYPES}
     kept, tuning = tuner.stored(path)
+    narrow_cost = None
     if kept is not None:
         plan = kept.applied_to(plan)
         gemm = kept.gemm_choice()
+        narrow_cost = kept.narrow_cost
     forced = env.read(GEMM_ENV)
     if forced:
         if forced not in GEMMS:
@@ -222,6 +227,7 @@ def _load(target: str) -> tuple[Library, str | None]:
         narrow,
         gemm,
         tuning,
+        narrow_cost=narrow_cost,
     )
     return library, warning
 
@@ -370,10 +376,14 @@ def use_builtin_gemm(builtin: bool) -> str:
     return configure(gemm={dtype: choice for dtype in DTYPES}).blas
 
 
+_UNSET = object()
+
+
 def configure(
     gemm: dict[torch.dtype, str] | None = None,
     plan: machine.Plan | None = None,
     tuning: str | None = None,
+    narrow_cost: float | object | None = _UNSET,
 ) -> Library:
     """The loaded library for the current target, with its GEMMs (per dtype "own" or "blas")
     and its plan set to these where given. The tuner measures its candidates so, and the
@@ -391,6 +401,10 @@ def configure(
             library = dataclasses.replace(library, plan=plan)
         if tuning is not None:
             library = dataclasses.replace(library, tuning=tuning)
+        if narrow_cost is not _UNSET:
+            # for layer widths not yet chosen in this process: one chosen stays, so that the
+            # backward of a graph recorded before takes the kernels its forward took
+            library = dataclasses.replace(library, narrow_cost=narrow_cost)
         _libraries[target] = library
     return library
 

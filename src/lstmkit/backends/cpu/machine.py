@@ -191,17 +191,40 @@ def plan(facts: Machine, tier: Tier) -> Plan:
 NARROW_BYTES = 32  # the second vector width of a library whose tier's vectors are wider
 
 
-def narrow_pays(hidden: int, wide_lanes: int, narrow_lanes: int) -> bool:
-    """Whether a layer of ``hidden`` units runs with the narrower vectors: when padding its
-    units to whole wide vectors adds at least a quarter of them more than narrow ones do (20
-    units: 32 in 16-lane vectors, 24 in 8-lane ones; every gate, product and step of the layer
-    then does a quarter less work, more than the wider vectors give back on so few units).
-    With more units the wide vectors win even where they pad a little more."""
+NARROW_WIN = 0.95  # a split over threads: the narrow kernels' share of the wide ones' time
+
+
+def narrow_pays(
+    hidden: int,
+    wide_lanes: int,
+    narrow_lanes: int,
+    threads: int = 1,
+    narrow_cost: float | None = None,
+) -> bool:
+    """Whether a layer of ``hidden`` units runs with the narrower vectors.
+
+    Always when padding its units to whole wide vectors adds at least a quarter of them more
+    than narrow ones do (20 units: 32 in 16-lane vectors, 24 in 8-lane ones; every gate,
+    product and step of the layer then does a quarter less work, more than the wider vectors
+    give back on so few units). Also, where ``narrow_cost`` was measured (the tuner: a narrow
+    lane's time over a wide lane's, 1 where the CPU runs both widths at one flop rate), when
+    the units split over ``threads`` more evenly in narrow vectors by more than they cost:
+    each thread takes whole vectors of units, so 100 units are 7 wide vectors of 16, 4 on one
+    thread and 3 on the other (64 lanes on the slower one), or 13 narrow ones of 8 (7 and 6:
+    56 lanes)."""
 
     def padded(lanes: int) -> int:
         return -(-hidden // lanes) * lanes
 
-    return 4 * (padded(wide_lanes) - padded(narrow_lanes)) >= hidden
+    if 4 * (padded(wide_lanes) - padded(narrow_lanes)) >= hidden:
+        return True
+    if narrow_cost is None or threads < 2:
+        return False
+
+    def slowest(lanes: int) -> int:  # lanes of the thread with the most vectors
+        return -(-padded(lanes) // lanes // threads) * lanes
+
+    return slowest(narrow_lanes) * narrow_cost < NARROW_WIN * slowest(wide_lanes)
 
 
 def describe(facts: Machine) -> list[str]:

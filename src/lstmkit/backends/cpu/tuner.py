@@ -14,6 +14,11 @@ candidates interleaved and each timing the median of repeats:
 - ``one_team``: whether a bidirectional layer runs its two directions side by side (a thread
   each) or one after the other on every thread, timed on two bidirectional layers, forward and
   backward.
+- ``narrow_cost``, where the tier has 32-byte kernels beside its wider ones: a narrow lane's
+  time over a wide one's, on a layer both widths fill without padding. 1 where the CPU runs
+  both widths at one flop rate (Zen 4), about 2 where its wide FMAs are twice as fast: whether
+  a layer whose units split unevenly over the threads in wide vectors takes the narrow ones
+  (machine.narrow_pays).
 
 ``lstmkit warmup`` measures them when nothing is kept for this library, ``lstmkit tune``
 measures again, ``lstmkit tune --show`` prints what is kept. The choices live in a JSON file
@@ -61,6 +66,9 @@ class Tuning:
     threads: int
     date: str
     seconds: float
+    # a narrow (32-byte) lane's time over a wide one's, where the tier has both (None: not
+    # measured; see machine.narrow_pays)
+    narrow_cost: float | None = None
 
     def applied_to(self, plan: machine.Plan) -> machine.Plan:
         changes: dict[str, float] = {}
@@ -96,6 +104,12 @@ class Tuning:
         if self.one_team is not None:
             choice = "one team, one direction after the other" if self.one_team else "a team each"
             lines.append(f"two directions: {choice} ({_times(self.measured.get('teams', {}))})")
+        if self.narrow_cost is not None:
+            lines.append(
+                f"32-byte kernels: a lane costs {self.narrow_cost:.2f} of a wide one's "
+                f"({_times(self.measured.get('narrow', {}))}), so layers whose units split "
+                "unevenly over the threads take them where that evens the split by more"
+            )
         return lines
 
 
@@ -194,6 +208,10 @@ def tune(
         measured["teams"] = _time_teams(dataclasses.replace(base, serial_flops=serial), repeats)
         teams = measured["teams"]
         one_team = teams["one team"] < TEAM_WIN * teams["a team each"]
+    narrow_cost = None
+    if loaded.narrow:
+        say("vectors: the 32-byte kernels against the wide ones")
+        narrow_cost, measured["narrow"] = _time_narrow(base, repeats)
     tuning = Tuning(
         gemm=gemm,
         serial_flops=serial,
@@ -204,9 +222,14 @@ def tune(
         threads=torch.get_num_threads(),
         date=time.strftime("%Y-%m-%d %H:%M:%S"),
         seconds=round(time.perf_counter() - start, 2),
+        narrow_cost=narrow_cost,
     )
     path = save(tuning, path_for(loaded.path) if path is None else path)
-    library.configure(plan=tuning.applied_to(base), tuning=f"tuned on this machine ({path})")
+    library.configure(
+        plan=tuning.applied_to(base),
+        tuning=f"tuned on this machine ({path})",
+        narrow_cost=narrow_cost,
+    )
     return tuning, path
 
 
@@ -341,6 +364,40 @@ def _time_threads(base: machine.Plan, quick: bool, repeats: int) -> tuple[float,
         library.configure(plan=base)
     sizes = [_flops(h) for h in thread_shapes(quick)]
     return serial_threshold(sizes, times_one, times_every), measured
+
+
+NARROW_SHAPE = (10, 16, 128)  # L, N, H = H_in: whole vectors of both widths, no padding
+
+
+def _time_narrow(base: machine.Plan, repeats: int) -> tuple[float, dict]:
+    """A narrow lane's time over a wide one's: one float32 forward call of NARROW_SHAPE on
+    one thread with each width of kernels, forced through the library's choice for that
+    width of layer (and given back after)."""
+    from lstmkit.backends.cpu import library
+    from lstmkit.modules import LSTM
+
+    steps, batch, hidden = NARROW_SHAPE
+    module = LSTM(hidden, hidden)
+    x = torch.randn(steps, batch, hidden)
+    loaded = library.configure(plan=dataclasses.replace(base, serial_flops=float("inf")))
+    key = (torch.float32, hidden)
+    before = loaded.chosen.get(key)
+
+    def run(kernels: object) -> None:
+        loaded.chosen[key] = kernels
+        with torch.no_grad():
+            module(x)
+
+    widths = {"wide": loaded.kernels[torch.float32], "narrow": loaded.narrow[torch.float32]}
+    try:
+        times = _interleaved({name: lambda k=k: run(k) for name, k in widths.items()}, repeats)
+    finally:
+        if before is None:
+            loaded.chosen.pop(key, None)
+        else:
+            loaded.chosen[key] = before
+        library.configure(plan=base)
+    return times["narrow"] / times["wide"], times
 
 
 def serial_threshold(sizes: list[float], one: list[float], every: list[float]) -> float:
