@@ -139,3 +139,37 @@ def test_eager_use_does_not_import_dynamo() -> None:
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("mode", ["bf16-module", "autocast"])
+def test_fullgraph_half_equals_eager(mode: str) -> None:
+    """A bf16 module, and a float32 one under autocast, compile to one graph whose outputs and
+    gradients are eager's within the half rule's rounding (lstmkit.precision)."""
+    import torch._inductor.config
+
+    from compare import assert_same_policy
+
+    torch.manual_seed(0)
+    lstm = lstmkit.LSTM(4, 6, num_layers=2, bidirectional=True)
+    x = torch.randn(5, 3, 4)
+    if mode == "bf16-module":
+        lstm, x = lstm.bfloat16(), x.bfloat16()
+    # inductor fuses autocast's float32 -> bf16 -> float32 round trip of the weights into no
+    # rounding at all unless asked to emulate the casts (its documented default); with it, the
+    # graph computes what eager does
+    compiled = torch.compile(lstm, fullgraph=True)
+    results = []
+    for module in (lstm, compiled):
+        leaf = x.clone().requires_grad_()
+        with (
+            torch._inductor.config.patch(emulate_precision_casts=True),
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"),
+        ):
+            out, (h, c) = module(leaf)
+        assert out.dtype == h.dtype == c.dtype == torch.bfloat16
+        (out.float().sum() + h.float().sum() + c.float().sum()).backward()
+        results.append([out.detach(), h.detach(), c.detach(), leaf.grad])
+        results[-1] += [p.grad for p in lstm.parameters()]
+        lstm.zero_grad(set_to_none=True)
+    for k, (a, e) in enumerate(zip(*results, strict=True)):
+        assert_same_policy(a, e, f"result {k}", torch.bfloat16)

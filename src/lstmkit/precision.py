@@ -84,12 +84,14 @@ def copies(
         or torch._C._is_tracing()
         or torch._C._are_functorch_transforms_active()
     )
+    if not keep:  # (and nothing here that a compiler cannot trace)
+        return [t if t is None or t.dtype not in sources else t.to(dtype) for t in tensors]
     grad, inference = torch.is_grad_enabled(), torch.is_inference_mode_enabled()
     out: list[Tensor | None] = []
     for t in tensors:
         if t is None or t.dtype == dtype or t.dtype not in sources:
             out.append(t)
-        elif not keep or (grad and t.requires_grad) or type(t) not in _PLAIN:
+        elif (grad and t.requires_grad) or type(t) not in _PLAIN:
             out.append(t.to(dtype))
         else:
             out.append(_kept(t, dtype, inference))
