@@ -216,35 +216,30 @@ def test_cell_half_runs_in_the_cpu_backend(monkeypatch) -> None:
     assert h.dtype == torch.float32
 
 
-def test_widened_weights_are_kept_and_never_stale(monkeypatch) -> None:
-    """Inference keeps the float32 copy of a bf16 weight between calls, and an in-place change
-    of the weight (an optimizer step) gives a fresh one."""
-    torch.manual_seed(0)
-    lstm = lstmkit.LSTM(5, 8).bfloat16()
-    x = torch.randn(4, 2, 5).bfloat16()
-    with torch.no_grad():
-        before, _ = lstm(x)
-        again, _ = lstm(x)
-        assert torch.equal(before, again)
-        lstm.weight_hh_l0.mul_(0.5)
-        after, _ = lstm(x)
-        fresh = copy.deepcopy(lstm)
-        expected, _ = fresh(x)
-    assert not torch.equal(after, before)
-    assert torch.equal(after, expected)
-
-
-def test_autocast_weights_are_kept_and_never_stale() -> None:
-    """Under autocast, inference keeps the bf16 copy of a float32 weight between calls, and an
-    optimizer step on the weight gives a fresh one."""
+@pytest.mark.parametrize("change", ["optimizer step", "p.data", "numpy view"])
+@pytest.mark.parametrize("mode", ["bf16-module", "autocast"])
+def test_kept_weight_copies_are_never_stale(mode: str, change: str) -> None:
+    """Inference keeps its float32 copy of a bf16 weight (or autocast's bf16 copy of a float32
+    one) between calls; a weight changed in place, whether or not that moves its _version,
+    gives what a fresh module gives."""
     torch.manual_seed(0)
     lstm = lstmkit.LSTM(5, 8)
     x = torch.randn(4, 2, 5)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    if mode == "bf16-module":
+        lstm, x = lstm.bfloat16(), x.bfloat16()
+    weight = lstm.weight_hh_l0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
         before, _ = lstm(x)
         again, _ = lstm(x)
         assert torch.equal(before, again)
-        lstm.weight_ih_l0.mul_(0.5)
+        version = weight._version
+        if change == "optimizer step":
+            weight.mul_(0.5)
+        elif change == "p.data":
+            weight.data.mul_(0.5)  # .data: its own version counter
+        else:
+            weight.detach().view(torch.int16).numpy()[...] = 0  # zeros, behind torch's back
+        assert (weight._version != version) is (change == "optimizer step")
         after, _ = lstm(x)
         expected, _ = copy.deepcopy(lstm)(x)
     assert before.dtype == torch.bfloat16

@@ -18,10 +18,10 @@ torch's does). A packed call without projections (``aten::lstm.data``) runs, as 
 in its states' dtype (h0's if given, else the input's), casting its float32, bfloat16 and
 float16 tensors to it. ``LSTMCell`` is left alone, as torch leaves its own.
 
-Copies of weights that autograd does not record (widened, or cast by autocast) are kept
-between calls (see :func:`copies`), keyed by the tensor and its ``_version``, so that a short
-call (a decoding step) neither copies its weights nor misses the cpu backend's cache of packed
-weights.
+Copies of weights in inference (widened, or cast by autocast) are kept between calls (see
+:func:`copies`) and copied into again on each call, so that a short call (a decoding step)
+neither allocates them nor misses the cpu backend's cache of packed weights, and a weight
+changed in any way (an optimizer step, ``p.data``, a numpy view) is never read stale.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def autocast(
     return t.to(dtype)
 
 
-# (id(tensor), dtype) -> (weak reference to it, its _version, inference mode, the copy)
-_kept_copies: dict[tuple[int, torch.dtype], tuple[weakref.ref, int, bool, Tensor]] = {}
+# (id(tensor), dtype) -> (weak reference to it, inference mode, the copy)
+_kept_copies: dict[tuple[int, torch.dtype], tuple[weakref.ref, bool, Tensor]] = {}
 
 
 def widen(tensors: list[Tensor | None], dtype: torch.dtype) -> list[Tensor | None]:
@@ -75,10 +75,10 @@ def copies(
 ) -> list[Tensor | None]:
     """Each of ``tensors`` of a ``sources`` dtype in ``dtype``, the others as they are: weights,
     widened for the compute dtype or cast by autocast. Differentiable where autograd records a
-    tensor; otherwise its copy is kept while the tensor lives and is unchanged (its
-    ``_version``), and is given again on the next call, so that a short call neither copies its
-    weights nor misses the cpu backend's packed ones. Not kept under a compiler, tracer or
-    torch.func transform, which would see a stale copy."""
+    tensor. Under ``no_grad`` or ``inference_mode`` the copy is kept while the tensor lives
+    and copied into again on the next call, so that it keeps its identity (the cpu backend
+    finds the weights it packed by it, and packs again only if their bits changed) and never
+    holds stale numbers. Not kept under a compiler, tracer or torch.func transform."""
     keep = not (
         torch.compiler.is_compiling()
         or torch._C._is_tracing()
@@ -95,7 +95,9 @@ def copies(
         elif grad and t.requires_grad:
             recorded.append(len(out))
             out.append(t)
-        elif type(t) not in _PLAIN:
+        elif grad or type(t) not in _PLAIN:
+            # (with grad on, a kept copy could be saved by a graph that a later call's copy
+            # into it would spoil)
             out.append(t.to(dtype))
         else:
             out.append(_kept(t, dtype, inference))
@@ -129,9 +131,12 @@ _PLAIN = (Tensor, torch.nn.Parameter)
 def _kept(t: Tensor, dtype: torch.dtype, inference: bool) -> Tensor:
     key = (id(t), dtype)
     kept = _kept_copies.get(key)
-    if kept is not None and kept[0]() is t and kept[1] == t._version and kept[2] == inference:
-        return kept[3]
+    if kept is not None and kept[0]() is t and kept[1] == inference and kept[2].shape == t.shape:
+        # copied again, in place: a weight can change without moving its _version (p.data,
+        # a numpy view), and only its contents tell; the copy keeps its identity, by which
+        # the cpu backend finds the weights it packed (and compares them bit for bit)
+        return kept[2].copy_(t.detach())
     copy = t.detach().to(dtype)
     _kept_copies[key] = (weakref.ref(t, lambda _, key=key: _kept_copies.pop(key, None)),
-                         t._version, inference, copy)  # fmt: skip
+                         inference, copy)  # fmt: skip
     return copy
