@@ -34,11 +34,12 @@ def shipped_grid() -> list[BenchConfig]:
     return configs.load_grid(resources.files("lstmkit").joinpath("data", "grid.json"))
 
 
-def off_by_one_percent(output: Batch, where: str) -> Batch:
-    """``output`` with its values 1% too large, or the same values with a 1% larger gradient."""
+def off_by(output: Batch, where: str, factor: float = 1.01) -> Batch:
+    """``output`` with its values ``factor`` times too large (1% by default), or the same
+    values with a gradient that much larger."""
     data = output.data if isinstance(output, PackedSequence) else output
     # (data - data.detach()) is zero with a gradient of one: it scales the gradient only.
-    data = data * 1.01 if where == "value" else data + 0.01 * (data - data.detach())
+    data = data * factor if where == "value" else data + (factor - 1) * (data - data.detach())
     if isinstance(output, PackedSequence):
         return PackedSequence(
             data, output.batch_sizes, output.sorted_indices, output.unsorted_indices
@@ -46,8 +47,8 @@ def off_by_one_percent(output: Batch, where: str) -> Batch:
     return data
 
 
-def perturbed(where: str) -> runner.MakeCandidate:
-    """Builds a broken candidate: lstmkit.LSTM with its output off by 1% (see above)."""
+def perturbed(where: str, factor: float = 1.01) -> runner.MakeCandidate:
+    """Builds a broken candidate: lstmkit.LSTM with its output off by ``factor`` (see above)."""
 
     def make(config: BenchConfig, oracle: nn.LSTM) -> nn.Module:
         module = runner.make_lstmkit(config, oracle)
@@ -55,7 +56,7 @@ def perturbed(where: str) -> runner.MakeCandidate:
 
         def broken(batch: Batch, **kwargs: object) -> tuple[Batch, tuple[Tensor, Tensor]]:
             output, states = forward(batch, **kwargs)
-            return off_by_one_percent(output, where), states
+            return off_by(output, where, factor), states
 
         module.forward = broken  # type: ignore[method-assign]
         return module
@@ -405,26 +406,11 @@ def test_half_rows_pass_the_half_check(config, dtype, autocast: bool, mode: str)
     assert row.backend == "cpu"
 
 
-def scaled(factor: float) -> runner.MakeCandidate:
-    def make(config: BenchConfig, oracle: nn.LSTM) -> nn.Module:
-        module = runner.make_lstmkit(config, oracle)
-        forward = module.forward
-
-        def broken(batch: Batch, **kwargs: object) -> tuple[Batch, tuple[Tensor, Tensor]]:
-            output, states = forward(batch, **kwargs)
-            return output * factor, states
-
-        module.forward = broken  # type: ignore[method-assign]
-        return module
-
-    return make
-
-
 @pytest.mark.parametrize("mode", runner.MODES)
 @pytest.mark.usefixtures("no_timing")
 def test_wrong_half_values_are_not_timed(mode: str) -> None:
     """Off by a tenth: far past bfloat16's rounding, so the half check refuses it."""
-    row = runner.bench_config(TINY, mode, TWO_SAMPLES, scaled(1.1), torch.bfloat16)
+    row = runner.bench_config(TINY, mode, TWO_SAMPLES, perturbed("value", 1.1), torch.bfloat16)
     assert row.failure is not None and row.failure.startswith("output:")
 
 

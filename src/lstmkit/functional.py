@@ -98,11 +98,7 @@ def lstm(
         else:
             input = to(input)[0]
         hx, initial_state = to(hx, initial_state)
-        flat = precision.copies([t for ws in weights for w in ws for t in w], cast, sources)
-        cast_weights = iter(flat)
-        weights = [[LayerWeights(*(next(cast_weights) for _ in w)) for w in ws] for ws in weights]
-        if variants is not None:
-            variants = [[_autocast_variant(cast, sources, v) for v in vs] for vs in variants]
+        weights, variants = _parameter_copies(weights, variants, cast, sources)
     # the casts are made: inside, autocast would run the reference's float32 products (and
     # the cpu backend's torch.mm) in its dtype again
     with torch.autocast(data.device.type, enabled=False):
@@ -195,16 +191,25 @@ def _autocast_all(dtype: torch.dtype, sources: tuple[torch.dtype, ...], *items: 
     return tuple(out)
 
 
-def _autocast_variant(
-    dtype: torch.dtype, sources: tuple[torch.dtype, ...], variant: Variant
-) -> Variant:
-    return variant._replace(
-        **{
-            name: precision.autocast(value, dtype, sources)
-            for name, value in variant._asdict().items()
-            if isinstance(value, Tensor)
-        }
-    )
+def _parameter_copies(
+    weights: list[list[LayerWeights]],
+    variants: list[list[Variant]] | None,
+    dtype: torch.dtype,
+    sources: tuple[torch.dtype, ...],
+) -> tuple[list[list[LayerWeights]], list[list[Variant]] | None]:
+    """The weights and the variants' parameters with each tensor of a ``sources`` dtype in
+    ``dtype``, through :func:`lstmkit.precision.copies` (kept between inference calls)."""
+    copies = iter(precision.copies([t for ws in weights for w in ws for t in w], dtype, sources))
+    weights = [[LayerWeights(*(next(copies) for _ in w)) for w in ws] for ws in weights]
+    if variants is None:
+        return weights, None
+
+    def copied(variant: Variant) -> Variant:
+        names = [name for name, value in variant._asdict().items() if isinstance(value, Tensor)]
+        tensors = precision.copies([getattr(variant, name) for name in names], dtype, sources)
+        return variant._replace(**dict(zip(names, tensors, strict=True)))
+
+    return weights, [[copied(v) for v in layer] for layer in variants]
 
 
 def _packed(
@@ -313,10 +318,7 @@ def run_stack(
     compute = precision.compute_dtype(storage)
     if compute == storage:
         return _run_stack(x, h0, c0, spec, weights, training, lengths, sequences, variants)
-    widened = iter(precision.widen([t for ws in weights for w in ws for t in w], compute))
-    weights = [[LayerWeights(*(next(widened) for _ in w)) for w in ws] for ws in weights]
-    if variants is not None:
-        variants = [[_widen_variant(v, compute) for v in layer] for layer in variants]
+    weights, variants = _parameter_copies(weights, variants, compute, tuple(precision.COMPUTE))
     out, h_n, c_n, per_layer = _run_stack(
         x.to(compute), h0.to(compute), c0.to(compute), spec, weights, training, lengths,
         sequences, variants,
@@ -324,12 +326,6 @@ def run_stack(
     if per_layer is not None:
         per_layer = [(h.to(storage), c.to(storage)) for h, c in per_layer]
     return out.to(storage), h_n.to(storage), c_n.to(storage), per_layer
-
-
-def _widen_variant(variant: Variant, dtype: torch.dtype) -> Variant:
-    names = [name for name, value in variant._asdict().items() if isinstance(value, Tensor)]
-    widened = precision.widen([getattr(variant, name) for name in names], dtype)
-    return variant._replace(**dict(zip(names, widened, strict=True)))
 
 
 def _run_stack(

@@ -477,12 +477,6 @@ class LSTMCell(nn.Module):
         by the cpu backend where it is chosen and the call is plain eager code (see
         lstmkit.backends.cpu.cell), else the reference's torch ops (CUDA, other dtypes,
         torch.compile, torch.func, tracing)."""
-        requires_grad = torch.is_grad_enabled() and (
-            x.requires_grad
-            or h.requires_grad
-            or c.requires_grad
-            or any(t is not None and t.requires_grad for t in w)
-        )
         compute = precision.compute_dtype(x.dtype)
         if compute != x.dtype:  # bfloat16, float16: computed in float32 (lstmkit.precision)
             h_next, c_next = self._step(
@@ -490,6 +484,12 @@ class LSTMCell(nn.Module):
                 tuple(precision.widen(list(w), compute)),
             )  # fmt: skip
             return h_next.to(x.dtype), c_next.to(x.dtype)
+        requires_grad = torch.is_grad_enabled() and (
+            x.requires_grad
+            or h.requires_grad
+            or c.requires_grad
+            or any(t is not None and t.requires_grad for t in w)
+        )
         request = backends.Request(x.device.type, x.dtype, requires_grad, False, False, False)
         if backends.choose(request).name == "cpu":
             cell = _cpu_cell()

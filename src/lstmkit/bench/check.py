@@ -319,7 +319,7 @@ def check_half(
     with torch.no_grad():
         for param in truth.parameters():
             param.data = param.data.to(dtype).double()
-    exact = _cast_batch(batch, lambda t: t.to(dtype).double())
+    exact = cast_batch(batch, lambda t: t.to(dtype).double())
     training = mode == "training"
     runs = []
     for module, inputs, cast in ((truth, exact, False), (oracle, batch, autocast),
@@ -357,7 +357,8 @@ def _describe(t: Tensor | None) -> str:
     return "nothing" if t is None else f"{tuple(t.shape)} {t.dtype}"
 
 
-def _cast_batch(batch: Batch, cast: Callable[[Tensor], Tensor]) -> Batch:
+def cast_batch(batch: Batch, cast: Callable[[Tensor], Tensor]) -> Batch:
+    """``batch`` with ``cast`` applied to its tensor (a PackedSequence's data)."""
     if isinstance(batch, PackedSequence):
         order = (batch.batch_sizes, batch.sorted_indices, batch.unsorted_indices)
         return PackedSequence(cast(batch.data), *order)

@@ -31,7 +31,7 @@ import lstmkit
 from lstmkit import backends
 from lstmkit.backends.cpu import machine
 from lstmkit.bench import report
-from lstmkit.bench.check import Batch, check, check_half
+from lstmkit.bench.check import Batch, cast_batch, check, check_half
 from lstmkit.bench.configs import (
     SHAPE_SYNTAX,
     BenchConfig,
@@ -128,7 +128,7 @@ def bench_config(
     else:
         if not autocast:
             oracle, candidate = oracle.to(dtype), candidate.to(dtype)
-            batch = _to_dtype(batch, dtype)
+            batch = cast_batch(batch, lambda t: t.to(dtype))
         failure, backend = backend_used(
             lambda: check_half(mode, oracle, candidate, batch, dtype, autocast)
         )
@@ -143,13 +143,6 @@ def bench_config(
         backend = f"{timed_backend} (checked: {backend})"
     load = report.load_average()
     return report.Row(config, mode, backend, None, timings["torch"], timings["lstmkit"], load)
-
-
-def _to_dtype(batch: Batch, dtype: torch.dtype) -> Batch:
-    if isinstance(batch, PackedSequence):
-        order = (batch.batch_sizes, batch.sorted_indices, batch.unsorted_indices)
-        return PackedSequence(batch.data.to(dtype), *order)
-    return batch.to(dtype)
 
 
 def _under_autocast(run: Callable[[], None], dtype: torch.dtype) -> Callable[[], None]:
